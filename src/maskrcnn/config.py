@@ -1,0 +1,467 @@
+"""Every hyperparameter of the model, its input pipeline and its training, in one place.
+
+The defaults are those of the Mask R-CNN paper and of torchvision's ``maskrcnn_resnet50_fpn``. Presets
+(:func:`get_preset`) bundle compatibility modes; nothing else in the package hides a number.
+
+Configs are frozen dataclasses. Change them with :func:`apply_overrides` (``"a.b=value"`` strings) or
+:func:`dataclasses.replace`; serialise them with :func:`Config.to_dict` / :func:`Config.from_dict`,
+:func:`save_config` and :func:`load_config` (JSON or YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+IMAGENET_MEAN_RGB01 = (0.485, 0.456, 0.406)
+IMAGENET_STD_RGB01 = (0.229, 0.224, 0.225)
+# log(1000/16): the largest box-size change a regression delta may express (Detectron).
+BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+
+
+class ConfigError(ValueError):
+    """A config value, key or file that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """Image preprocessing: colour layout, normalisation, resizing and padding."""
+
+    # "rgb01": RGB scaled to [0, 1] (torchvision); "bgr255": BGR in [0, 255] (detectron2).
+    pixel_format: Literal["rgb01", "bgr255"] = "rgb01"
+    pixel_mean: tuple[float, ...] = IMAGENET_MEAN_RGB01
+    pixel_std: tuple[float, ...] = IMAGENET_STD_RGB01
+    # Shorter-edge sizes for training; one is drawn per image (multi-scale when several).
+    min_size_train: tuple[int, ...] = (800,)
+    max_size_train: int = 1333
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    size_divisible: int = 32
+    # torchvision resizes with bilinear interpolation and ``recompute_scale_factor=True``.
+    resize_mode: Literal["bilinear"] = "bilinear"
+    flip_prob: float = 0.5
+    # Large-scale jitter (Ghiasi et al.): random scale in [min, max] of the target size, then crop.
+    lsj: bool = False
+    lsj_scale: tuple[float, float] = (0.1, 2.0)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """ResNet / ResNeXt body in torchvision's layout (stride on the 3x3 conv)."""
+
+    depth: int = 50  # 18, 34, 50, 101 or 152
+    groups: int = 1  # 32 for ResNeXt-101 32x8d
+    width_per_group: int = 64  # 8 for ResNeXt-101 32x8d
+    norm: Literal["frozen_bn", "bn", "syncbn", "gn"] = "frozen_bn"
+    # torchvision's FrozenBatchNorm2d default; the published v1 COCO weights were trained with eps=0.
+    norm_eps: float = 1e-5
+    gn_groups: int = 32
+    # Stages trained (0..5), counted from the top as torchvision's ``trainable_backbone_layers``.
+    trainable_layers: int = 3
+    # "fpn" (default) or "c4" (ResNet stages 1-4 as the trunk, stage 5 as the RoI head).
+    layout: Literal["fpn", "c4"] = "fpn"
+
+
+@dataclass(frozen=True)
+class FPNConfig:
+    """Feature Pyramid Network over C2..C5 with an extra max-pool level (P6)."""
+
+    out_channels: int = 256
+    norm: Literal["none", "bn", "gn"] = "none"
+    norm_eps: float = 1e-5
+
+
+@dataclass(frozen=True)
+class AnchorConfig:
+    """Anchors: one size per FPN level, three aspect ratios (height/width)."""
+
+    sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    # torchvision rounds the base anchors to integers; detectron2 does not.
+    round_base: bool = True
+
+
+@dataclass(frozen=True)
+class RPNConfig:
+    """Region Proposal Network: head, proposal selection and training targets."""
+
+    num_convs: int = 1  # 2 in torchvision's v2 model
+    pre_nms_top_n_train: int = 2000
+    pre_nms_top_n_test: int = 1000
+    post_nms_top_n_train: int = 2000
+    post_nms_top_n_test: int = 1000
+    nms_thresh: float = 0.7
+    score_thresh: float = 0.0
+    min_box_size: float = 1e-3
+    fg_iou_thresh: float = 0.7
+    bg_iou_thresh: float = 0.3
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    allow_low_quality_matches: bool = True
+    bbox_reg_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    smooth_l1_beta: float = 1.0 / 9
+
+
+@dataclass(frozen=True)
+class BoxHeadConfig:
+    """RoI box head: pooling, head shape, training sampling and test-time post-processing."""
+
+    pooler_resolution: int = 7
+    pooler_sampling_ratio: int = 2
+    # torchvision: aligned=False (legacy, no half-pixel shift); detectron2: True.
+    pooler_aligned: bool = False
+    # "two_mlp": TwoMLPHead (v1). "conv_fc": num_convs x conv3x3 (+norm) then one FC (v2).
+    head: Literal["two_mlp", "conv_fc"] = "two_mlp"
+    num_convs: int = 4
+    conv_dim: int = 256
+    fc_dim: int = 1024
+    norm: Literal["none", "bn", "gn"] = "none"
+    norm_eps: float = 1e-5
+    fg_iou_thresh: float = 0.5
+    bg_iou_thresh: float = 0.5
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
+    # torchvision uses smooth-L1 with beta 1/9 (and sums over the sampled RoIs).
+    smooth_l1_beta: float = 1.0 / 9
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+    min_box_size: float = 1e-2
+
+
+@dataclass(frozen=True)
+class MaskHeadConfig:
+    """Mask head: 4 x conv3x3, 2x2 deconvolution, 1x1 predictor; per-class sigmoid masks."""
+
+    enabled: bool = True
+    pooler_resolution: int = 14
+    pooler_sampling_ratio: int = 2
+    pooler_aligned: bool = False
+    num_convs: int = 4
+    conv_dim: int = 256
+    dilation: int = 1
+    norm: Literal["none", "bn", "gn"] = "none"
+    norm_eps: float = 1e-5
+    # "legacy": torchvision's integer-box paste with 1 px padding; "grid_sample": detectron2's.
+    paste_mode: Literal["legacy", "grid_sample"] = "legacy"
+    paste_padding: int = 1
+    mask_threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The whole network."""
+
+    # Foreground classes, K. The classifier has K+1 outputs; index 0 is background.
+    num_classes: int = 90
+    # Names of the K foreground classes (index i -> label i+1).
+    class_names: tuple[str, ...] = ()
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    fpn: FPNConfig = field(default_factory=FPNConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)
+    mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """SGD with momentum, linear warmup, then multi-step or cosine decay (paper defaults)."""
+
+    optimizer: Literal["sgd"] = "sgd"
+    base_lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    # Weight decay on norm weights and all biases; 0.0 turns it off for them (None keeps weight_decay).
+    weight_decay_norm: float | None = None
+    weight_decay_bias: float | None = None
+    ims_per_batch: int = 16
+    # Batch size that base_lr was tuned for; with scale_lr the LR follows the linear scaling rule.
+    reference_batch_size: int = 16
+    scale_lr: bool = False
+    max_iter: int = 90000
+    lr_schedule: Literal["multistep", "cosine"] = "multistep"
+    steps: tuple[int, ...] = (60000, 80000)
+    gamma: float = 0.1
+    warmup_iters: int = 1000
+    warmup_factor: float = 1.0 / 1000
+    clip_grad_norm: float = 0.0  # 0 disables
+    amp: Literal["none", "fp16", "bf16"] = "none"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training run: data loading, checkpoints, logging, evaluation."""
+
+    seed: int = 42
+    num_workers: int = 2
+    aspect_ratio_grouping: bool = True
+    filter_empty: bool = True
+    checkpoint_period: int = 5000
+    keep_last: int = 3
+    log_period: int = 20
+    eval_period: int = 0  # 0: evaluate only at the end (if eval data is given)
+    tensorboard: bool = False
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The root config: model, input, solver and training settings."""
+
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (lists for tuples), JSON/YAML serialisable."""
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """Build from a nested dict; unknown keys raise ConfigError listing them."""
+        return _from_dict(cls, data, "")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Presets
+
+
+def _torchvision_v1() -> Config:
+    """torchvision ``maskrcnn_resnet50_fpn``: FrozenBN R50-FPN, TwoMLPHead, legacy RoIAlign."""
+    return Config(name="torchvision_v1")
+
+
+def _torchvision_v2() -> Config:
+    """torchvision ``maskrcnn_resnet50_fpn_v2`` (Li et al. 2021): BN everywhere, 2-conv RPN, 4conv1fc."""
+    model = ModelConfig(
+        backbone=BackboneConfig(norm="bn", norm_eps=1e-5),
+        fpn=FPNConfig(norm="bn"),
+        rpn=RPNConfig(num_convs=2),
+        box_head=BoxHeadConfig(head="conv_fc", norm="bn"),
+        mask_head=MaskHeadConfig(norm="bn"),
+    )
+    return Config(name="torchvision_v2", model=model)
+
+
+def _r18_fpn_demo() -> Config:
+    """Small ResNet-18-FPN at a short side of 256 that trains on CPU in minutes (the demo)."""
+    model = ModelConfig(
+        num_classes=3,
+        class_names=("square", "circle", "triangle"),
+        backbone=BackboneConfig(depth=18, norm="frozen_bn", trainable_layers=5),
+        fpn=FPNConfig(out_channels=128),
+        anchors=AnchorConfig(sizes=(16, 32, 64, 128, 256)),
+        rpn=RPNConfig(pre_nms_top_n_train=1000, post_nms_top_n_train=500,
+                      pre_nms_top_n_test=500, post_nms_top_n_test=300),
+        box_head=BoxHeadConfig(fc_dim=256, batch_size_per_image=128),
+        mask_head=MaskHeadConfig(conv_dim=128),
+    )
+    inp = InputConfig(min_size_train=(224, 240, 256, 272, 288), max_size_train=480,
+                      min_size_test=256, max_size_test=480)
+    solver = SolverConfig(base_lr=0.02, ims_per_batch=4, reference_batch_size=4, max_iter=600,
+                          steps=(450, 550), warmup_iters=50)
+    train = TrainConfig(checkpoint_period=200, log_period=10, num_workers=0)
+    return Config(name="r18_fpn_demo", model=model, input=inp, solver=solver, train=train)
+
+
+PRESETS: dict[str, typing.Callable[[], Config]] = {
+    "torchvision_v1": _torchvision_v1,
+    "torchvision_v2": _torchvision_v2,
+    "r18_fpn_demo": _r18_fpn_demo,
+}
+
+
+def get_preset(name: str) -> Config:
+    """Return the named preset config (see ``PRESETS``)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Overrides and (de)serialisation
+
+
+def apply_overrides(cfg: Config, overrides: typing.Iterable[str] | dict[str, Any]) -> Config:
+    """Return a copy of ``cfg`` with ``"a.b.c=value"`` overrides applied (values parsed as YAML/JSON)."""
+    data = cfg.to_dict()
+    items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+    for key, value in items:
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[:i + 1])!r} is not a section; "
+                                  f"sections here: {', '.join(k for k, v in node.items() if isinstance(v, dict))}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"unknown config key {key!r}; valid keys here: {', '.join(sorted(node))}")
+        if isinstance(node[parts[-1]], dict):
+            raise ConfigError(f"config key {key!r} is a section; set one of its fields: "
+                              f"{', '.join(sorted(node[parts[-1]]))}")
+        node[parts[-1]] = _parse_value(value) if isinstance(value, str) else value
+    return Config.from_dict(data)
+
+
+def _split_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. solver.max_iter=300)")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        import yaml  # noqa: PLC0415 - optional dependency
+
+        return yaml.safe_load(text)
+    except ImportError:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` to ``path`` as YAML (``.yaml``/``.yml``) or JSON (anything else)."""
+    path = Path(path)
+    data = cfg.to_dict()
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml  # noqa: PLC0415
+
+            text = yaml.safe_dump(data, sort_keys=False)
+        except ImportError:
+            text = json.dumps(data, indent=2)  # JSON is valid YAML
+    else:
+        text = json.dumps(data, indent=2)
+    path.write_text(text)
+
+
+def load_config(path: str | Path, base: Config | None = None) -> Config:
+    """Read a YAML/JSON config file; keys it leaves out keep ``base``'s values (or its ``preset``'s)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml  # noqa: PLC0415
+            except ImportError as e:
+                try:
+                    data = json.loads(text)
+                except json.JSONDecodeError:
+                    raise ConfigError(f"{path}: reading YAML needs PyYAML (pip install pyyaml)") from e
+            else:
+                data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - report any parse error with the file name
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{path}: cannot parse config: {e}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
+    data = dict(data)
+    if "preset" in data:
+        base = get_preset(str(data.pop("preset")))
+    merged = _deep_merge((base or Config()).to_dict(), data)
+    try:
+        return Config.from_dict(merged)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {prefix or '<root>'!r} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f" in section {prefix!r}" if prefix else ""
+        raise ConfigError(f"unknown config keys{where}: {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}.{name}" if prefix else name)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key {key!r} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        elem = args[0] if args else Any
+        if len(args) == 2 and args[1] is Ellipsis or len(args) == 1:
+            return tuple(_coerce(elem, v, key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"config key {key!r} must have {len(args)} items, got {value!r}")
+        return tuple(_coerce(a, v, key) for a, v in zip(args, value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"config key {key!r} must be a number, got {value!r}") from None
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
+        return value
+    return value

@@ -1,0 +1,108 @@
+"""Small result containers shared by the model, the predictor, the evaluator and the visualiser."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Result:
+    """Detections for one image, in the input image's coordinates.
+
+    boxes: (N, 4) float32 XYXY absolute pixels of the input image; scores: (N,) float32 in [0, 1];
+    labels: (N,) int64 contiguous class indices 1..K (0 is background and never appears);
+    masks: (N, H, W) bool at the input image's size, or None when the model has no mask head;
+    soft_masks: (N, H, W) float32 probabilities, only when asked for.
+    class_names: names of the K foreground classes (label i -> class_names[i-1]), possibly empty.
+    category_ids: dataset category id for each contiguous label (label i -> category_ids[i-1]), possibly empty.
+    """
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+    masks: torch.Tensor | None = None
+    soft_masks: torch.Tensor | None = None
+    image_size: tuple[int, int] = (0, 0)
+    class_names_table: tuple[str, ...] = field(default=(), repr=False)
+    category_ids_table: tuple[int, ...] = field(default=(), repr=False)
+    image_path: str | None = None
+
+    def __len__(self) -> int:
+        """Number of detections N."""
+        return int(self.boxes.shape[0])
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class name of each detection (``"class_<label>"`` when the model has no names)."""
+        table = self.class_names_table
+        out = []
+        for lab in self.labels.tolist():
+            out.append(table[lab - 1] if 0 < lab <= len(table) else f"class_{lab}")
+        return out
+
+    @property
+    def category_ids(self) -> list[int]:
+        """Dataset category id of each detection (the contiguous label when no table is known)."""
+        table = self.category_ids_table
+        return [table[lab - 1] if 0 < lab <= len(table) else int(lab) for lab in self.labels.tolist()]
+
+    def to(self, device: torch.device | str) -> Result:
+        """Copy of the result with every tensor on ``device``."""
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Result(mv(self.boxes), mv(self.scores), mv(self.labels), mv(self.masks), mv(self.soft_masks),
+                      self.image_size, self.class_names_table, self.category_ids_table, self.image_path)
+
+    def filter(self, keep: torch.Tensor) -> Result:
+        """Subset of detections selected by a bool mask or index tensor over N."""
+        def sel(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[keep]
+
+        return Result(sel(self.boxes), sel(self.scores), sel(self.labels), sel(self.masks), sel(self.soft_masks),
+                      self.image_size, self.class_names_table, self.category_ids_table, self.image_path)
+
+    def plot(self, image: Any = None, **kwargs: Any) -> np.ndarray:
+        """Overlay of masks, boxes and labels on ``image`` (or the source file): (H, W, 3) uint8 RGB."""
+        from maskrcnn.visualize import draw_result  # noqa: PLC0415 - keeps drawing optional
+
+        if image is None:
+            if self.image_path is None:
+                raise ValueError("Result.plot() needs the image: this result was not made from a file")
+            from maskrcnn.io import read_image  # noqa: PLC0415
+
+            image = read_image(self.image_path)
+        return draw_result(image, self, **kwargs)
+
+    def save(self, path: str | Path, image: Any = None, **kwargs: Any) -> Path:
+        """Write the overlay picture to ``path`` (PNG/JPEG by suffix) and return the path."""
+        from PIL import Image  # noqa: PLC0415
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(self.plot(image, **kwargs)).save(path)
+        return path
+
+    def to_coco(self, image_id: int, **extra: Any) -> list[dict[str, Any]]:
+        """COCO results records (bbox XYWH, score, category_id, RLE segmentation) for this image."""
+        from maskrcnn.ops.masks import encode_rle  # noqa: PLC0415
+
+        boxes = self.boxes.detach().cpu().tolist()
+        scores = self.scores.detach().cpu().tolist()
+        cats = self.category_ids
+        names = self.class_names
+        rles = encode_rle(self.masks) if self.masks is not None else [None] * len(boxes)
+        out = []
+        for (x1, y1, x2, y2), s, c, n, rle in zip(boxes, scores, cats, names, rles):
+            rec: dict[str, Any] = {"image_id": int(image_id), "category_id": int(c), "category_name": n,
+                                   "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(s)}
+            if rle is not None:
+                rec["segmentation"] = rle
+            rec.update(extra)
+            out.append(rec)
+        return out
