@@ -163,6 +163,8 @@ class ModelConfig:
     num_classes: int = 90
     # Names of the K foreground classes (index i -> label i+1).
     class_names: tuple[str, ...] = ()
+    # Dataset category id of each foreground class (label i -> category_ids[i-1]); empty means id == label.
+    category_ids: tuple[int, ...] = ()
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     fpn: FPNConfig = field(default_factory=FPNConfig)
     anchors: AnchorConfig = field(default_factory=AnchorConfig)

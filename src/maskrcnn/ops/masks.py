@@ -44,3 +44,115 @@ def encode_rle(masks: torch.Tensor | np.ndarray) -> list[dict[str, Any]]:
     for r in rles:
         r["counts"] = r["counts"].decode("ascii")
     return rles
+
+
+# ---------------------------------------------------------------------------------------------------
+# RoI mask targets
+
+
+def roi_mask_targets(gt_masks: torch.Tensor, boxes: torch.Tensor, matched_idxs: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop-and-resize GT masks (G, H, W) to (K, size, size) soft targets for (K, 4) XYXY RoIs.
+
+    ``matched_idxs`` (K,) picks each RoI's GT mask. As torchvision does, the crop is a legacy RoIAlign
+    (aligned=False, adaptive sampling) of the binary mask, so targets are fractional at the edges.
+    """
+    from maskrcnn.ops.roi_align import roi_align  # noqa: PLC0415 - sibling op module
+
+    rois = torch.cat([matched_idxs.to(boxes)[:, None], boxes], dim=1)
+    return roi_align(gt_masks[:, None].to(rois), rois, (size, size), 1.0, -1, False)[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pasting RoI masks into the image
+
+
+def _bilinear_axis(start: torch.Tensor, length: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, n_out: int,
+                   n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-box bilinear source taps along one image axis for pasting an ``n_in`` mask resized to ``length``.
+
+    start, length, lo, hi: (N,) int64 window origin, resized length and the clipped [lo, hi) image range.
+    Returns (N, n_out) low index, high index, low weight, high weight and a validity mask. The source
+    coordinate follows ``F.interpolate(mode="bilinear", align_corners=False)`` with an explicit output size:
+    scale = n_in / length, src = max(scale * (dst + 0.5) - 0.5, 0).
+    """
+    pix = torch.arange(n_out, device=start.device)
+    dst = pix[None, :] - start[:, None]
+    valid = (pix[None, :] >= lo[:, None]) & (pix[None, :] < hi[:, None])
+    scale = n_in / length.to(torch.float32)
+    src = (scale[:, None] * (dst.to(torch.float32) + 0.5) - 0.5).clamp(min=0)
+    i0 = src.to(torch.int64)
+    step = (i0 < n_in - 1).to(torch.int64)
+    w1 = src - i0.to(torch.float32)
+    w0 = 1.0 - w1
+    i0 = torch.where(valid, i0, torch.zeros_like(i0)).clamp(max=n_in - 1)
+    i1 = (i0 + step).clamp(max=n_in - 1)
+    return i0, i1, w0, w1, valid
+
+
+def paste_masks_legacy(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int, int],
+                       padding: int = 1) -> torch.Tensor:
+    """torchvision's paste: (N, 1, M, M) soft masks into (N, 1, H, W) image-sized masks at (N, 4) XYXY boxes.
+
+    Exactly torchvision's ``paste_masks_in_image``: pad the mask by ``padding`` pixels, grow the box by the same
+    ratio, truncate it to integers, resize the mask to the box's (w+1, h+1) pixels bilinearly and copy the part
+    inside the image. All boxes are done at once: the resize is separable, so each output pixel needs two row
+    taps and two column taps of its own mask, which are gathered for every box together.
+    """
+    n = masks.shape[0]
+    im_h, im_w = image_shape
+    if n == 0:
+        return masks.new_zeros((0, 1, im_h, im_w))
+    m = masks.shape[-1]
+    scale = float(m + 2 * padding) / m
+    padded = torch.nn.functional.pad(masks, (padding,) * 4)[:, 0]
+    mp = padded.shape[-1]
+    w_half = (boxes[:, 2] - boxes[:, 0]) * 0.5
+    h_half = (boxes[:, 3] - boxes[:, 1]) * 0.5
+    x_c = (boxes[:, 2] + boxes[:, 0]) * 0.5
+    y_c = (boxes[:, 3] + boxes[:, 1]) * 0.5
+    w_half = w_half * scale
+    h_half = h_half * scale
+    exp = torch.stack([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half], dim=1).to(torch.int64)
+    x0, y0, x1, y1 = exp.unbind(1)
+    w = (x1 - x0 + 1).clamp(min=1)
+    h = (y1 - y0 + 1).clamp(min=1)
+    ry0, ry1, wy0, wy1, vy = _bilinear_axis(y0, h, y0.clamp(min=0), (y1 + 1).clamp(max=im_h), im_h, mp)
+    cx0, cx1, wx0, wx1, vx = _bilinear_axis(x0, w, x0.clamp(min=0), (x1 + 1).clamp(max=im_w), im_w, mp)
+    padded = padded.to(torch.float32) if padded.dtype != masks.dtype else padded
+    # Interpolate along x for every mask row first, then along y: the same order of operations as the
+    # reference kernel, h0 * (w0 * a + w1 * b) + h1 * (w0 * c + w1 * d).
+    idx_x0 = cx0[:, None, :].expand(n, mp, im_w)
+    idx_x1 = cx1[:, None, :].expand(n, mp, im_w)
+    rows = wx0[:, None, :] * padded.gather(2, idx_x0) + wx1[:, None, :] * padded.gather(2, idx_x1)
+    idx_y0 = ry0[:, :, None].expand(n, im_h, im_w)
+    idx_y1 = ry1[:, :, None].expand(n, im_h, im_w)
+    out = wy0[:, :, None] * rows.gather(1, idx_y0) + wy1[:, :, None] * rows.gather(1, idx_y1)
+    out = out * (vy[:, :, None] & vx[:, None, :])
+    return out[:, None].to(masks.dtype)
+
+
+def paste_masks_grid_sample(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int, int]) -> torch.Tensor:
+    """detectron2's paste: (N, 1, M, M) soft masks into (N, 1, H, W) by ``grid_sample`` at pixel centres."""
+    n = masks.shape[0]
+    im_h, im_w = image_shape
+    if n == 0:
+        return masks.new_zeros((0, 1, im_h, im_w))
+    x0, y0, x1, y1 = torch.split(boxes.to(torch.float32), 1, dim=1)
+    img_y = torch.arange(0, im_h, device=masks.device, dtype=torch.float32) + 0.5
+    img_x = torch.arange(0, im_w, device=masks.device, dtype=torch.float32) + 0.5
+    img_y = (img_y - y0) / (y1 - y0) * 2 - 1
+    img_x = (img_x - x0) / (x1 - x0) * 2 - 1
+    gx = img_x[:, None, :].expand(n, im_h, im_w)
+    gy = img_y[:, :, None].expand(n, im_h, im_w)
+    grid = torch.stack([gx, gy], dim=3)
+    return torch.nn.functional.grid_sample(masks, grid.to(masks.dtype), align_corners=False)
+
+
+def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int, int], mode: str = "legacy",
+                padding: int = 1) -> torch.Tensor:
+    """Paste (N, 1, M, M) soft masks at (N, 4) XYXY boxes into (N, 1, H, W) masks ("legacy" or "grid_sample")."""
+    if mode == "legacy":
+        return paste_masks_legacy(masks, boxes, image_shape, padding)
+    if mode == "grid_sample":
+        return paste_masks_grid_sample(masks, boxes, image_shape)
+    raise ValueError(f"unknown paste mode {mode!r}; expected 'legacy' or 'grid_sample'")

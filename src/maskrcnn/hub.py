@@ -1,0 +1,443 @@
+"""Known pretrained weights, the local weights cache, and verified, resumable downloads.
+
+Files live in ``cache_dir() / "weights"`` (``$MASKRCNN_HOME`` or ``~/.cache/maskrcnn``) under the file name of
+their URL. A download goes to ``<final>.part``, resumes that file with an HTTP ``Range`` request when it exists,
+is checked against the entry's SHA-256 and only then is renamed to its final name, so a file under its final
+name has always passed the check. ``$MASKRCNN_MIRROR`` replaces the URL's base (a URL or a local folder), for
+machines that reach the weights through a mirror or a shared disk.
+
+About the checksums: torchvision names its files ``<name>-<first 8 hex digits of the file's SHA-256>.pth`` and
+checks only that prefix (``torch.hub``'s ``check_hash``). The full digests of those files are not recorded
+here, because they could not be computed where this registry was written; their entries therefore hold the
+8-digit prefix. :attr:`WeightsEntry.sha256` is a full 64-digit digest or a prefix of one (at least 8 digits),
+and verification compares as many digits as the entry holds. Replace a prefix with the full digest once the
+file has been checked by other means; nothing else needs to change.
+
+Only ``urllib`` is used, so downloading needs no package beyond the standard library (``tqdm`` draws a
+progress bar when it is installed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.client
+import os
+import re
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+from maskrcnn.coco_names import TORCHVISION_COCO_CLASS_NAMES
+
+WeightsFormat = Literal["torchvision", "detectron2", "maskrcnn"]
+FORMATS: tuple[str, ...] = ("torchvision", "detectron2", "maskrcnn")
+
+ENV_HOME = "MASKRCNN_HOME"
+ENV_MIRROR = "MASKRCNN_MIRROR"
+DEFAULT_TIMEOUT = 30.0
+# Shorter than this, a "prefix" would match too many files to catch a wrong or truncated download.
+MIN_SHA256_PREFIX = 8
+_CHUNK = 1 << 20
+_USER_AGENT = "maskrcnn-hub/0.1 (+urllib)"
+_HEX = re.compile(r"[0-9a-f]+")
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+_CONTENT_RANGE_UNSATISFIED = re.compile(r"bytes\s+\*/(\d+)")
+
+
+class HubError(Exception):
+    """Base class of the errors raised by :mod:`maskrcnn.hub`."""
+
+
+class DownloadError(HubError, OSError):
+    """A file could not be fetched (offline, HTTP error, timeout, dropped connection)."""
+
+
+class ChecksumError(HubError):
+    """A downloaded file's SHA-256 does not match its registry entry; the file has been deleted."""
+
+    def __init__(self, message: str, expected: str, actual: str, path: Path | None = None) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.actual = actual
+        self.path = path
+
+
+class UnknownWeightsError(HubError, LookupError):
+    """A weights name that is neither in the registry nor an existing file."""
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    """One downloadable checkpoint and what is known about it.
+
+    Fields:
+        name: registry key, e.g. ``"maskrcnn_resnet50_fpn"``.
+        url: where the file is published.
+        sha256: the file's SHA-256 in lower-case hex, full (64 digits) or a prefix of at least 8 digits;
+            verification compares only the digits given (see the module docstring).
+        format: ``"torchvision"``, ``"detectron2"`` or ``"maskrcnn"`` (our own checkpoint format): which
+            converter reads the file.
+        preset: name of the config preset (:func:`maskrcnn.config.get_preset`) that the weights need.
+        num_classes: foreground classes K, as in ``ModelConfig.num_classes`` (the classifier has K + 1 outputs).
+        class_names: the K foreground names; label i -> ``class_names[i - 1]``.
+        box_ap, mask_ap: published COCO val2017 AP (IoU 0.50:0.95), or ``None`` when unknown.
+        description: one line for listings.
+        file_name: name in the cache; defaults to the last path component of ``url``.
+    """
+
+    name: str
+    url: str
+    sha256: str
+    format: WeightsFormat
+    preset: str
+    num_classes: int
+    class_names: tuple[str, ...] = ()
+    box_ap: float | None = None
+    mask_ap: float | None = None
+    description: str = ""
+    file_name: str = ""
+
+    def __post_init__(self) -> None:
+        """Validate the fields and fill in ``file_name``."""
+        digest = self.sha256.strip().lower()
+        if not (MIN_SHA256_PREFIX <= len(digest) <= 64 and _HEX.fullmatch(digest)):
+            raise ValueError(
+                f"weights {self.name!r}: sha256 must be {MIN_SHA256_PREFIX} to 64 hex digits, got {self.sha256!r}"
+            )
+        if self.format not in FORMATS:
+            raise ValueError(f"weights {self.name!r}: format must be one of {FORMATS}, got {self.format!r}")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"weights {self.name!r}: {len(self.class_names)} class names for {self.num_classes} classes"
+            )
+        # Frozen dataclass: normalised values must go through object.__setattr__.
+        object.__setattr__(self, "sha256", digest)
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+        if not self.file_name:
+            file_name = Path(urllib.parse.urlparse(self.url).path).name
+            if not file_name:
+                raise ValueError(f"weights {self.name!r}: cannot take a file name from URL {self.url!r}")
+            object.__setattr__(self, "file_name", file_name)
+
+    @property
+    def sha256_is_prefix(self) -> bool:
+        """True when only a prefix of the SHA-256 is known."""
+        return len(self.sha256) < 64
+
+
+REGISTRY: dict[str, WeightsEntry] = {
+    "maskrcnn_resnet50_fpn": WeightsEntry(
+        name="maskrcnn_resnet50_fpn",
+        url="https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth",
+        sha256="bf2d0c1e",  # prefix from the file name; the full digest is not recorded (module docstring)
+        format="torchvision",
+        preset="torchvision_v1",
+        num_classes=len(TORCHVISION_COCO_CLASS_NAMES),
+        class_names=TORCHVISION_COCO_CLASS_NAMES,
+        box_ap=37.9,
+        mask_ap=34.6,
+        description="Mask R-CNN ResNet-50-FPN, torchvision v1 weights (COCO train2017)",
+    ),
+    "maskrcnn_resnet50_fpn_v2": WeightsEntry(
+        name="maskrcnn_resnet50_fpn_v2",
+        url="https://download.pytorch.org/models/maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth",
+        sha256="73cbd019",  # prefix from the file name; the full digest is not recorded (module docstring)
+        format="torchvision",
+        preset="torchvision_v2",
+        num_classes=len(TORCHVISION_COCO_CLASS_NAMES),
+        class_names=TORCHVISION_COCO_CLASS_NAMES,
+        box_ap=47.4,
+        mask_ap=41.8,
+        description="Mask R-CNN ResNet-50-FPN v2 (improved recipe), torchvision weights (COCO train2017)",
+    ),
+}
+
+
+def register(entry: WeightsEntry, overwrite: bool = False) -> None:
+    """Add ``entry`` to :data:`REGISTRY` (refusing to replace an existing name unless ``overwrite``)."""
+    if entry.name in REGISTRY and not overwrite:
+        raise ValueError(f"weights {entry.name!r} are already registered; pass overwrite=True to replace them")
+    REGISTRY[entry.name] = entry
+
+
+def get_entry(name: str) -> WeightsEntry:
+    """Return the registry entry called ``name``; the error lists the known names."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UnknownWeightsError(f"unknown weights {name!r}; known weights: {_known_names()}") from None
+
+
+def cache_dir() -> Path:
+    """Root of the cache: ``$MASKRCNN_HOME`` or ``~/.cache/maskrcnn``."""
+    home = os.environ.get(ENV_HOME)
+    return Path(home).expanduser() if home else Path.home() / ".cache" / "maskrcnn"
+
+
+def weights_dir() -> Path:
+    """Folder that holds downloaded weights: ``cache_dir() / "weights"``."""
+    return cache_dir() / "weights"
+
+
+def weights_path(name_or_entry: str | WeightsEntry) -> Path:
+    """Where the file of these weights is (or will be) cached; a file placed there by hand is used as is."""
+    return weights_dir() / _as_entry(name_or_entry).file_name
+
+
+def resolve_url(entry: WeightsEntry) -> str:
+    """The URL to fetch ``entry`` from: ``entry.url``, or ``$MASKRCNN_MIRROR/<file name>`` when the mirror is set.
+
+    A mirror without a URL scheme is taken as a local folder (read through a ``file://`` URL).
+    """
+    mirror = os.environ.get(ENV_MIRROR, "").strip()
+    if not mirror:
+        return entry.url
+    if "://" not in mirror:
+        return Path(mirror).expanduser().resolve().as_uri() + "/" + urllib.parse.quote(entry.file_name)
+    return mirror.rstrip("/") + "/" + urllib.parse.quote(entry.file_name)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of the file at ``path``."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as f:
+        _hash_stream(f, hasher)
+    return hasher.hexdigest()
+
+
+def sha256_matches(actual: str, expected: str) -> bool:
+    """True when the full digest ``actual`` starts with ``expected`` (a full digest or a prefix)."""
+    expected = expected.strip().lower()
+    return len(expected) >= MIN_SHA256_PREFIX and actual.lower().startswith(expected)
+
+
+def download(
+    name_or_entry: str | WeightsEntry,
+    force: bool = False,
+    progress: bool = True,
+    *,
+    retries: int = 2,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Path:
+    """Download weights into the cache (resuming a partial file), verify the SHA-256 and return the path.
+
+    An already cached file is returned without a request unless ``force``. A transfer that breaks off is
+    resumed up to ``retries`` times within this call; after that the ``.part`` file is kept, and the next call
+    resumes it. Raises :class:`DownloadError` (the message names the URL and where a hand-downloaded file is
+    picked up) or :class:`ChecksumError` (the bad file is deleted).
+    """
+    entry = _as_entry(name_or_entry)
+    dest = weights_path(entry)
+    if dest.is_file() and not force:
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    url = resolve_url(entry)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DownloadError(f"cannot create the weights folder {dest.parent}: {exc}") from exc
+    if force:
+        part.unlink(missing_ok=True)
+
+    attempts = 0
+    while True:
+        try:
+            digest = _fetch(url, part, progress=progress, timeout=timeout, label=entry.file_name)
+            break
+        except _Interrupted as exc:
+            attempts += 1
+            if attempts > retries:
+                raise DownloadError(
+                    f"download of {entry.name!r} from {url} broke off after {exc.received} of "
+                    f"{exc.total if exc.total is not None else '?'} bytes ({exc.reason}); the partial file is kept "
+                    f"at {part} and the next call resumes it. {_manual_hint(entry, dest)}"
+                ) from exc.__cause__
+        except urllib.error.HTTPError as exc:
+            exc.close()  # it holds the open response
+            raise DownloadError(
+                f"could not download {entry.name!r} from {url}: HTTP {exc.code} {exc.reason}. "
+                f"{_manual_hint(entry, dest)}"
+            ) from exc
+        except urllib.error.URLError as exc:
+            raise DownloadError(
+                f"could not download {entry.name!r} from {url} (offline?): {exc.reason}. "
+                f"{_manual_hint(entry, dest)}"
+            ) from exc
+
+    if not sha256_matches(digest, entry.sha256):
+        part.unlink(missing_ok=True)
+        kind = "SHA-256 prefix" if entry.sha256_is_prefix else "SHA-256"
+        raise ChecksumError(
+            f"checksum mismatch for {entry.name!r} from {url}: expected {kind} {entry.sha256}, got {digest}; "
+            f"the file was deleted",
+            expected=entry.sha256,
+            actual=digest,
+            path=dest,
+        )
+    # Same folder, so the rename is atomic: readers see either no file or a verified one.
+    os.replace(part, dest)
+    return dest
+
+
+def find_cached(name: str | WeightsEntry) -> Path | None:
+    """The cached file of the named weights, or ``None`` when it has not been downloaded."""
+    path = weights_path(name)
+    return path if path.is_file() else None
+
+
+def is_cached(name: str | WeightsEntry) -> bool:
+    """True when the named weights are in the cache."""
+    return find_cached(name) is not None
+
+
+def resolve_weights(name_or_path: str | os.PathLike[str] | WeightsEntry, progress: bool = True) -> Path:
+    """Turn a file path or a registry name into a local file, downloading it when it is not cached.
+
+    An existing path wins over a registry name of the same spelling. Raises :class:`UnknownWeightsError`
+    for a name that is neither, and :class:`DownloadError` when the file cannot be fetched.
+    """
+    if isinstance(name_or_path, WeightsEntry):
+        return find_cached(name_or_path) or download(name_or_path, progress=progress)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    name = os.fspath(name_or_path)
+    if name in REGISTRY:
+        return find_cached(name) or download(name, progress=progress)
+    raise UnknownWeightsError(
+        f"{name!r} is neither an existing file nor known weights; known weights: {_known_names()}"
+    )
+
+
+def registry_as_json() -> list[dict[str, Any]]:
+    """The registry as JSON-ready dicts: every entry field, plus ``cached``, ``path`` and ``resolved_url``."""
+    rows = []
+    for entry in REGISTRY.values():
+        row = dataclasses.asdict(entry)
+        row["class_names"] = list(entry.class_names)
+        row["sha256_is_prefix"] = entry.sha256_is_prefix
+        row["cached"] = is_cached(entry)
+        row["path"] = str(weights_path(entry))
+        row["resolved_url"] = resolve_url(entry)
+        rows.append(row)
+    return rows
+
+
+class _Interrupted(Exception):
+    """A transfer that stopped before its end; the ``.part`` file holds what arrived."""
+
+    def __init__(self, received: int, total: int | None, reason: str) -> None:
+        super().__init__(reason)
+        self.received = received
+        self.total = total
+        self.reason = reason
+
+
+def _as_entry(name_or_entry: str | WeightsEntry) -> WeightsEntry:
+    return name_or_entry if isinstance(name_or_entry, WeightsEntry) else get_entry(name_or_entry)
+
+
+def _known_names() -> str:
+    return ", ".join(sorted(REGISTRY)) or "(none)"
+
+
+def _manual_hint(entry: WeightsEntry, dest: Path) -> str:
+    check = "whose SHA-256 starts with" if entry.sha256_is_prefix else "with SHA-256"
+    return (
+        f"To install it by hand, download {entry.url} ({check} {entry.sha256}) and save it as {dest} "
+        f"(or set ${ENV_MIRROR} to a reachable copy)."
+    )
+
+
+def _hash_stream(f: BinaryIO, hasher: Any) -> None:
+    while chunk := f.read(_CHUNK):
+        hasher.update(chunk)
+
+
+def _fetch(url: str, part: Path, *, progress: bool, timeout: float, label: str) -> str:
+    """Fill ``part`` with the file at ``url``, resuming what it holds; return the SHA-256 of the whole file."""
+    offset = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code != 416 or not offset:
+            raise
+        # 416: nothing lies past our offset. Either the .part is already complete (the last run stopped
+        # before the rename) or it is longer than the file; only the first can be kept.
+        match = _CONTENT_RANGE_UNSATISFIED.match(exc.headers.get("Content-Range", ""))
+        exc.close()
+        if match and int(match.group(1)) == offset:
+            return sha256_file(part)
+        part.unlink()
+        return _fetch(url, part, progress=progress, timeout=timeout, label=label)
+    except urllib.error.URLError:
+        raise
+    except (OSError, http.client.HTTPException) as exc:
+        # urlopen leaves errors while reading the status line unwrapped (timeouts, RemoteDisconnected);
+        # wrap them so that callers can tell network failures from local disk errors.
+        raise urllib.error.URLError(exc) from exc
+
+    with response:
+        status = response.status or 200  # file:// responses carry no status
+        hasher = hashlib.sha256()
+        if status == 206:
+            match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+            if not match or int(match.group(1)) != offset:
+                # A range we did not ask for cannot be appended; start over.
+                response.close()
+                part.unlink()
+                return _fetch(url, part, progress=progress, timeout=timeout, label=label)
+            total = int(match.group(3)) if match.group(3) != "*" else None
+            if offset:
+                with open(part, "rb") as f:
+                    _hash_stream(f, hasher)
+            mode = "ab"
+        else:
+            # The server sent the whole file (it ignores Range, or we asked for none): start from zero.
+            offset = 0
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            mode = "wb"
+
+        bar = _progress_bar(total, offset, label) if progress else None
+        received = offset
+        try:
+            with open(part, mode) as out:
+                while True:
+                    # Only reading is the network's fault; a failed write (disk full) must not be retried.
+                    try:
+                        chunk = response.read(_CHUNK)
+                    except (OSError, http.client.HTTPException) as exc:
+                        raise _Interrupted(received, total, f"{type(exc).__name__}: {exc}") from exc
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    received += len(chunk)
+                    hasher.update(chunk)
+                    if bar is not None:
+                        bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+    if total is not None and received < total:
+        raise _Interrupted(received, total, "connection closed early")
+    return hasher.hexdigest()
+
+
+def _progress_bar(total: int | None, initial: int, label: str) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional
+        return None
+    return tqdm(
+        total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
+        file=sys.stderr, leave=False,
+    )

@@ -1,0 +1,119 @@
+"""Box head: RoI features -> class scores and per-class box deltas; its losses and test-time post-processing."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maskrcnn.config import BoxHeadConfig
+from maskrcnn.modeling.backbone import conv_norm_act, make_norm
+from maskrcnn.ops.boxes import BoxCoder, batched_nms, clip_boxes_to_image, remove_small_boxes
+
+
+class TwoMLPHead(nn.Module):
+    """Flatten, then two fully connected layers with ReLU (torchvision v1, FPN paper)."""
+
+    def __init__(self, in_features: int, fc_dim: int) -> None:
+        """``in_features`` = C * 7 * 7 pooled inputs; ``fc_dim`` = 1024."""
+        super().__init__()
+        self.fc6 = nn.Linear(in_features, fc_dim)
+        self.fc7 = nn.Linear(fc_dim, fc_dim)
+        self.out_features = fc_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(R, C, 7, 7) -> (R, fc_dim)."""
+        x = x.flatten(start_dim=1)
+        return F.relu(self.fc7(F.relu(self.fc6(x))))
+
+
+class ConvFCHead(nn.Sequential):
+    """``num_convs`` conv3x3+norm+ReLU, flatten, one FC + ReLU (torchvision v2's FastRCNNConvFCHead)."""
+
+    def __init__(self, in_channels: int, resolution: int, cfg: BoxHeadConfig) -> None:
+        """Convs of ``cfg.conv_dim`` channels, then an FC of ``cfg.fc_dim``; indices match torchvision's keys."""
+        norm = None if cfg.norm == "none" else make_norm(cfg.norm, cfg.norm_eps)
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for _ in range(cfg.num_convs):
+            layers.append(conv_norm_act(prev, cfg.conv_dim, 3, norm, relu=True))
+            prev = cfg.conv_dim
+        layers.append(nn.Flatten())
+        layers.append(nn.Linear(prev * resolution * resolution, cfg.fc_dim))
+        layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+        self.out_features = cfg.fc_dim
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+
+class FastRCNNPredictor(nn.Module):
+    """Linear classifier over K+1 classes and per-class box deltas (K+1) * 4."""
+
+    def __init__(self, in_features: int, num_classes_with_bg: int) -> None:
+        """``num_classes_with_bg`` includes the background class (index 0)."""
+        super().__init__()
+        self.cls_score = nn.Linear(in_features, num_classes_with_bg)
+        self.bbox_pred = nn.Linear(in_features, num_classes_with_bg * 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(R, F) -> class logits (R, K+1) and deltas (R, 4(K+1))."""
+        x = x.flatten(start_dim=1)
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+def build_box_head(cfg: BoxHeadConfig, in_channels: int) -> nn.Module:
+    """The box head named by ``cfg.head`` ("two_mlp" or "conv_fc")."""
+    if cfg.head == "two_mlp":
+        return TwoMLPHead(in_channels * cfg.pooler_resolution**2, cfg.fc_dim)
+    if cfg.head == "conv_fc":
+        return ConvFCHead(in_channels, cfg.pooler_resolution, cfg)
+    raise ValueError(f"unknown box head {cfg.head!r}")
+
+
+def fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, labels: list[Tensor],
+                  regression_targets: list[Tensor], beta: float) -> tuple[Tensor, Tensor]:
+    """Cross-entropy over sampled RoIs and smooth-L1 on the GT class's deltas of positives (sum / #RoIs)."""
+    labels_t = torch.cat(labels, dim=0)
+    targets_t = torch.cat(regression_targets, dim=0)
+    classification_loss = F.cross_entropy(class_logits, labels_t)
+    pos = torch.where(labels_t > 0)[0]
+    labels_pos = labels_t[pos]
+    n = class_logits.shape[0]
+    box_regression = box_regression.reshape(n, box_regression.size(-1) // 4, 4)
+    box_loss = F.smooth_l1_loss(box_regression[pos, labels_pos], targets_t[pos], beta=beta, reduction="sum")
+    return classification_loss, box_loss / max(labels_t.numel(), 1)
+
+
+def postprocess_detections(class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
+                           image_sizes: list[tuple[int, int]], box_coder: BoxCoder, cfg: BoxHeadConfig,
+                           score_thresh: float | None = None) -> list[dict[str, Tensor]]:
+    """Softmax, per-class decoding, score threshold, small-box removal, per-class NMS, top-k.
+
+    Returns per image {"boxes": (D, 4) XYXY resized-image pixels, "scores": (D,), "labels": (D,) int64 1..K}.
+    """
+    device = class_logits.device
+    num_classes = class_logits.shape[-1]
+    boxes_per_image = [p.shape[0] for p in proposals]
+    pred_boxes = box_coder.decode(box_regression, torch.cat(proposals, dim=0))
+    pred_scores = F.softmax(class_logits, -1)
+    thresh = cfg.score_thresh if score_thresh is None else score_thresh
+    results = []
+    for boxes, scores, size in zip(pred_boxes.split(boxes_per_image, 0), pred_scores.split(boxes_per_image, 0),
+                                   image_sizes):
+        boxes = clip_boxes_to_image(boxes, size)
+        labels = torch.arange(num_classes, device=device).view(1, -1).expand_as(scores)
+        # Column 0 is background.
+        boxes = boxes[:, 1:].reshape(-1, 4)
+        scores = scores[:, 1:].reshape(-1)
+        labels = labels[:, 1:].reshape(-1)
+        inds = torch.where(scores > thresh)[0]
+        boxes, scores, labels = boxes[inds], scores[inds], labels[inds]
+        keep = remove_small_boxes(boxes, cfg.min_box_size)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = batched_nms(boxes, scores, labels, cfg.nms_thresh)[: cfg.detections_per_img]
+        results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+    return results

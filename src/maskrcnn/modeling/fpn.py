@@ -1,0 +1,60 @@
+"""Feature Pyramid Network (Lin et al. 2017) with the extra max-pool level P6, in torchvision's layout."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maskrcnn.config import BackboneConfig, FPNConfig
+from maskrcnn.modeling.backbone import ResNet, conv_norm_act, make_norm
+
+
+class FeaturePyramidNetwork(nn.Module):
+    """Lateral 1x1 convs, top-down nearest upsampling, 3x3 output convs, plus P6 = maxpool(P5, 1, stride 2)."""
+
+    def __init__(self, in_channels: list[int], cfg: FPNConfig) -> None:
+        """One lateral and one output conv per input level; ``cfg.norm`` adds BN/GN (the v2 model)."""
+        super().__init__()
+        norm = None if cfg.norm == "none" else make_norm(cfg.norm, cfg.norm_eps)
+        self.inner_blocks = nn.ModuleList(conv_norm_act(c, cfg.out_channels, 1, norm, relu=False) for c in in_channels)
+        self.layer_blocks = nn.ModuleList(
+            conv_norm_act(cfg.out_channels, cfg.out_channels, 3, norm, relu=False) for _ in in_channels)
+        self.out_channels = cfg.out_channels
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0)
+
+    def forward(self, feats: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
+        """{"0".."3": C2..C5} -> {"0".."3": P2..P5, "pool": P6}, each (N, out_channels, h, w)."""
+        names = list(feats.keys())
+        x = list(feats.values())
+        last_inner = self.inner_blocks[-1](x[-1])
+        results = [self.layer_blocks[-1](last_inner)]
+        for idx in range(len(x) - 2, -1, -1):
+            inner_lateral = self.inner_blocks[idx](x[idx])
+            top_down = F.interpolate(last_inner, size=inner_lateral.shape[-2:], mode="nearest")
+            last_inner = inner_lateral + top_down
+            results.insert(0, self.layer_blocks[idx](last_inner))
+        results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))
+        return OrderedDict(zip(names + ["pool"], results))
+
+
+class BackboneWithFPN(nn.Module):
+    """ResNet body + FPN; ``body`` and ``fpn`` names match torchvision's state dict."""
+
+    def __init__(self, backbone_cfg: BackboneConfig, fpn_cfg: FPNConfig) -> None:
+        """Builds the body from ``backbone_cfg`` and an FPN over its four stages."""
+        super().__init__()
+        if backbone_cfg.layout != "fpn":
+            raise NotImplementedError(f"backbone layout {backbone_cfg.layout!r} is not implemented; use 'fpn'")
+        self.body = ResNet(backbone_cfg)
+        self.fpn = FeaturePyramidNetwork(self.body.out_channels, fpn_cfg)
+        self.out_channels = fpn_cfg.out_channels
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        """(N, 3, H, W) normalised batch -> {"0": P2 (stride 4), ..., "3": P5, "pool": P6}."""
+        return self.fpn(self.body(x))

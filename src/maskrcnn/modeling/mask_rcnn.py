@@ -1,0 +1,249 @@
+"""The whole Mask R-CNN: preprocess (normalise, resize, pad) -> backbone+FPN -> RPN -> RoI heads -> results.
+
+Inputs are RGB images in the user's pixel grid; results come back in that same grid (boxes in input-image
+pixels, masks pasted at the input image's size).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maskrcnn.config import Config
+from maskrcnn.modeling.fpn import BackboneWithFPN
+from maskrcnn.modeling.roi_heads import RoIHeads
+from maskrcnn.modeling.rpn import RegionProposalNetwork
+from maskrcnn.ops.masks import paste_masks
+from maskrcnn.structures import Result
+
+ImageInput = Union[str, Path, np.ndarray, Tensor]
+LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+
+
+def to_chw_float(image: ImageInput) -> Tensor:
+    """Any supported image -> (3, H, W) float32 RGB in [0, 1] (uint8 divided by 255; float kept as is).
+
+    Accepts a path, or an array/tensor that is HWC or CHW, uint8 or float, RGB (or single-channel).
+    """
+    path = None
+    if isinstance(image, (str, Path)):
+        from maskrcnn.io import read_image  # noqa: PLC0415 - only file inputs need the decoder
+
+        path = str(image)
+        image = read_image(image)
+    t = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
+    if not isinstance(t, Tensor):
+        raise TypeError(f"unsupported image type {type(t).__name__}; expected a path, numpy array or tensor")
+    if t.dim() == 2:
+        t = t[None]
+    if t.dim() != 3:
+        raise ValueError(f"image must have 2 or 3 dimensions, got shape {tuple(t.shape)}" + (f" ({path})" if path else ""))
+    if t.shape[0] not in (1, 3) and t.shape[-1] in (1, 3, 4):
+        t = t.permute(2, 0, 1)
+    if t.shape[0] == 4:
+        t = t[:3]
+    if t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    if t.shape[0] != 3:
+        raise ValueError(f"cannot tell the channel axis of an image of shape {tuple(t.shape)}")
+    if t.dtype == torch.uint8:
+        return t.to(torch.float32).div(255)
+    if t.is_floating_point():
+        return t.to(torch.float32)
+    raise TypeError(f"unsupported image dtype {t.dtype}; expected uint8 or floating point")
+
+
+def resize_scale(height: int, width: int, min_size: float, max_size: float) -> float:
+    """Scale factor bringing the short side to ``min_size`` unless the long side would pass ``max_size``.
+
+    Computed with Python floats (double precision), as torchvision does in eager mode, so the resized size
+    agrees to the pixel (a float32 division can land just under a whole size and lose a row).
+    """
+    return min(float(min_size) / min(height, width), float(max_size) / max(height, width))
+
+
+def resize_image(image: Tensor, min_size: float, max_size: float) -> Tensor:
+    """Bilinear resize of a (C, H, W) float image by :func:`resize_scale` (torchvision's rounding)."""
+    scale = resize_scale(image.shape[-2], image.shape[-1], min_size, max_size)
+    return F.interpolate(image[None], size=None, scale_factor=scale, mode="bilinear",
+                         recompute_scale_factor=True, align_corners=False)[0]
+
+
+def resize_boxes(boxes: Tensor, original_size: tuple[int, int], new_size: tuple[int, int]) -> Tensor:
+    """Scale (N, 4) XYXY boxes from an image of ``original_size`` (H, W) to one of ``new_size``."""
+    ratios = [torch.tensor(s, dtype=torch.float32, device=boxes.device)
+              / torch.tensor(s_orig, dtype=torch.float32, device=boxes.device)
+              for s, s_orig in zip(new_size, original_size)]
+    ratio_h, ratio_w = ratios
+    xmin, ymin, xmax, ymax = boxes.unbind(1)
+    return torch.stack((xmin * ratio_w, ymin * ratio_h, xmax * ratio_w, ymax * ratio_h), dim=1)
+
+
+class MaskRCNN(nn.Module):
+    """Mask R-CNN (He et al. 2017) with a ResNet-FPN backbone, in torchvision's module layout.
+
+    ``forward(images, targets)`` returns the five losses in training mode. ``predict(images)`` returns one
+    :class:`Result` per image. Submodule names equal torchvision's, so its state dicts load unchanged.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        """Build every stage from ``cfg.model``; preprocessing follows ``cfg.input``."""
+        super().__init__()
+        self.cfg = cfg
+        m = cfg.model
+        self.backbone = BackboneWithFPN(m.backbone, m.fpn)
+        self.rpn = RegionProposalNetwork(m.rpn, m.anchors, self.backbone.out_channels)
+        self.roi_heads = RoIHeads(m, self.backbone.out_channels)
+        inp = cfg.input
+        self.register_buffer("pixel_mean", torch.tensor(inp.pixel_mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(inp.pixel_std, dtype=torch.float32), persistent=False)
+        # Test-time sizes are attributes so a loaded model can be retargeted without rebuilding it.
+        self.min_size_test = inp.min_size_test
+        self.max_size_test = inp.max_size_test
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters."""
+        return next(self.parameters()).device
+
+    # -- preprocessing ----------------------------------------------------------------------------------
+
+    def normalize(self, image: Tensor) -> Tensor:
+        """(3, H, W) RGB [0, 1] -> normalised input in the configured pixel format."""
+        if self.cfg.input.pixel_format == "bgr255":
+            image = image.flip(0) * 255.0
+        mean = self.pixel_mean.to(image.dtype)
+        std = self.pixel_std.to(image.dtype)
+        return (image - mean[:, None, None]) / std[:, None, None]
+
+    def batch_images(self, images: list[Tensor]) -> Tensor:
+        """Zero-pad (3, Hi, Wi) images into one (N, 3, H, W) batch, H and W rounded up to ``size_divisible``."""
+        stride = float(self.cfg.input.size_divisible)
+        max_h = max(int(img.shape[-2]) for img in images)
+        max_w = max(int(img.shape[-1]) for img in images)
+        max_h = int(math.ceil(float(max_h) / stride) * stride)
+        max_w = int(math.ceil(float(max_w) / stride) * stride)
+        batch = images[0].new_full((len(images), images[0].shape[0], max_h, max_w), 0)
+        for i, img in enumerate(images):  # a loop over the images of a batch
+            batch[i, :, : img.shape[-2], : img.shape[-1]].copy_(img)
+        return batch
+
+    def preprocess(self, images: list[Tensor], resize: bool) -> tuple[Tensor, list[tuple[int, int]]]:
+        """(3, H, W) RGB [0, 1] images -> padded normalised batch and each image's (H, W) after resizing."""
+        out = []
+        for img in images:
+            img = self.normalize(img)
+            if resize:
+                img = resize_image(img, self.min_size_test, self.max_size_test)
+            out.append(img)
+        return self.batch_images(out), [(int(i.shape[-2]), int(i.shape[-1])) for i in out]
+
+    # -- core ---------------------------------------------------------------------------------------------
+
+    def run(self, batch: Tensor, image_sizes: list[tuple[int, int]], targets: list[dict[str, Tensor]] | None = None,
+            generator: torch.Generator | None = None, score_thresh: float | None = None) -> dict[str, Any]:
+        """Backbone, RPN and heads on a padded batch; returns features, proposals, detections and losses.
+
+        Detections are in resized-image pixels (before mapping back to the input image).
+        """
+        features = self.backbone(batch)
+        feats = list(features.values())
+        proposals, rpn_losses = self.rpn(feats, tuple(batch.shape[-2:]), image_sizes, targets, generator)
+        detections, head_losses = self.roi_heads(features, proposals, image_sizes, targets, generator, score_thresh)
+        return {"features": features, "proposals": proposals, "detections": detections,
+                "losses": {**rpn_losses, **head_losses}}
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None,
+                generator: torch.Generator | None = None) -> dict[str, Tensor] | list[Result]:
+        """Training: images already resized by the data pipeline, targets with boxes/labels/masks -> losses.
+
+        images: (3, H, W) uint8 or float [0, 1] RGB; targets: "boxes" (N, 4) XYXY pixels of that image,
+        "labels" (N,) int64 in 1..K, "masks" (N, H, W) uint8. In eval mode this is ``predict(images)``.
+        """
+        if not self.training:
+            return self.predict(images)
+        if targets is None:
+            raise ValueError("training needs targets: a dict with boxes, labels and masks per image")
+        dev = self.device
+        imgs = [to_chw_float(img).to(dev) for img in images]
+        tgts = []
+        for i, t in enumerate(targets):
+            boxes = t["boxes"]
+            if boxes.dim() != 2 or boxes.shape[-1] != 4:
+                raise ValueError(f"target {i}: boxes must have shape (N, 4), got {tuple(boxes.shape)}")
+            tgts.append({"boxes": boxes.to(dev, torch.float32), "labels": t["labels"].to(dev, torch.int64),
+                         "masks": t["masks"].to(dev)})
+        batch, sizes = self.preprocess(imgs, resize=False)
+        return self.run(batch, sizes, tgts, generator)["losses"]
+
+    @torch.no_grad()
+    def detect(self, images: list[Tensor], score_threshold: float | None = None, soft_masks: bool = False,
+               keep_intermediates: bool = False) -> list[dict[str, Any]]:
+        """(3, H, W) float [0, 1] RGB images -> per image detections mapped to the input image.
+
+        Each dict: boxes (D, 4) XYXY input pixels, scores (D,), labels (D,), masks (D, H, W) bool,
+        optionally soft_masks (D, H, W) float; with ``keep_intermediates`` also proposals (P, 4) and mask_logits
+        (D, M, M) in resized-image pixels, features of the padded batch, and the resized sizes.
+        """
+        dev = self.device
+        imgs = [img.to(dev) for img in images]
+        batch, sizes = self.preprocess(imgs, resize=True)
+        out = self.run(batch, sizes, score_thresh=score_threshold)
+        mh = self.cfg.model.mask_head
+        results = []
+        for i, (det, img) in enumerate(zip(out["detections"], imgs)):
+            orig = (int(img.shape[-2]), int(img.shape[-1]))
+            boxes = resize_boxes(det["boxes"], sizes[i], orig)
+            r: dict[str, Any] = {"boxes": boxes, "scores": det["scores"], "labels": det["labels"]}
+            if "masks" in det:
+                pasted = paste_masks(det["masks"], boxes, orig, mh.paste_mode, mh.paste_padding)[:, 0]
+                r["masks"] = pasted > mh.mask_threshold
+                if soft_masks:
+                    r["soft_masks"] = pasted
+            if keep_intermediates:
+                r.update(proposals=out["proposals"][i], mask_logits=det.get("mask_logits"), resized_size=sizes[i],
+                         batch_shape=tuple(batch.shape[-2:]), features=out["features"])
+            results.append(r)
+        return results
+
+    @torch.no_grad()
+    def predict(self, images: ImageInput | Sequence[ImageInput], score_threshold: float | None = None,
+                batch_size: int = 1, soft_masks: bool = False) -> list[Result]:
+        """Detect objects in images (paths, HWC/CHW uint8/float arrays or tensors, RGB): one Result per image.
+
+        ``score_threshold`` replaces the configured minimum score (0.05) for this call.
+        """
+        single = isinstance(images, (str, Path, np.ndarray, Tensor))
+        items = [images] if single else list(images)
+        was_training = self.training
+        self.eval()
+        try:
+            results: list[Result] = []
+            for start in range(0, len(items), max(batch_size, 1)):
+                chunk = items[start: start + max(batch_size, 1)]
+                tensors = [to_chw_float(x) for x in chunk]
+                for src, t, det in zip(chunk, tensors, self.detect(tensors, score_threshold, soft_masks)):
+                    results.append(Result(
+                        boxes=det["boxes"], scores=det["scores"], labels=det["labels"], masks=det.get("masks"),
+                        soft_masks=det.get("soft_masks"), image_size=(int(t.shape[-2]), int(t.shape[-1])),
+                        class_names_table=tuple(self.cfg.model.class_names),
+                        category_ids_table=tuple(self.cfg.model.category_ids),
+                        image_path=str(src) if isinstance(src, (str, Path)) else None))
+            return results
+        finally:
+            self.train(was_training)
+
+    # -- persistence ----------------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write this model in our format (safetensors weights + config JSON) to the directory ``path``."""
+        from maskrcnn.weights import save_model  # noqa: PLC0415 - weights imports modeling
+
+        return save_model(self, path)

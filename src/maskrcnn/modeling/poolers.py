@@ -1,0 +1,79 @@
+"""Multi-level RoIAlign: each RoI is pooled from the FPN level that matches its size (FPN paper, Eq. 1)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from maskrcnn.ops.boxes import box_area
+from maskrcnn.ops.roi_align import roi_align
+
+
+class LevelMapper:
+    """Maps RoIs to pyramid levels: k = floor(k0 + log2(sqrt(area) / s0) + eps), clamped to [k_min, k_max]."""
+
+    def __init__(self, k_min: int, k_max: int, canonical_scale: int = 224, canonical_level: int = 4,
+                 eps: float = 1e-6) -> None:
+        """``canonical_scale`` px RoIs map to ``canonical_level`` (224 -> P4 for ImageNet-sized RoIs)."""
+        self.k_min = k_min
+        self.k_max = k_max
+        self.s0 = canonical_scale
+        self.lvl0 = canonical_level
+        self.eps = eps
+
+    def __call__(self, boxlists: list[Tensor]) -> Tensor:
+        """Per-image (Ki, 4) XYXY boxes -> (sum Ki,) int64 level index counted from k_min."""
+        s = torch.sqrt(torch.cat([box_area(b) for b in boxlists]))
+        target = torch.floor(self.lvl0 + torch.log2(s / self.s0) + torch.tensor(self.eps, dtype=s.dtype))
+        target = torch.clamp(target, min=self.k_min, max=self.k_max)
+        return (target.to(torch.int64) - self.k_min).to(torch.int64)
+
+
+def boxes_to_rois(boxes: list[Tensor]) -> Tensor:
+    """Per-image (Ki, 4) boxes -> (sum Ki, 5) rois ``[batch_index, x1, y1, x2, y2]``."""
+    concat = torch.cat(boxes, dim=0)
+    ids = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)], dim=0)
+    return torch.cat([ids, concat], dim=1)
+
+
+def infer_scale(feature_shape: tuple[int, int], image_size: tuple[int, int]) -> float:
+    """Power-of-two scale of a feature map relative to the (unpadded) image size, as torchvision infers it."""
+    approx = float(feature_shape[0]) / float(image_size[0])
+    return 2 ** float(torch.tensor(approx).log2().round())
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """RoIAlign over named FPN levels, each RoI taken from its mapped level."""
+
+    def __init__(self, featmap_names: list[str], output_size: int, sampling_ratio: int, aligned: bool = False,
+                 canonical_scale: int = 224, canonical_level: int = 4) -> None:
+        """Pool ``output_size`` x ``output_size`` bins from the levels ``featmap_names``."""
+        super().__init__()
+        self.featmap_names = list(featmap_names)
+        self.output_size = (output_size, output_size)
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+
+    def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]) -> Tensor:
+        """Features {name: (N, C, h, w)}, per-image (Ki, 4) XYXY boxes -> (sum Ki, C, out, out)."""
+        feats = [features[k] for k in self.featmap_names]
+        max_size = (max(s[0] for s in image_sizes), max(s[1] for s in image_sizes))
+        scales = [infer_scale(tuple(f.shape[-2:]), max_size) for f in feats]
+        rois = boxes_to_rois(boxes)
+        if len(feats) == 1:
+            return roi_align(feats[0], rois, self.output_size, scales[0], self.sampling_ratio, self.aligned)
+        k_min = int(-math.log2(scales[0]))
+        k_max = int(-math.log2(scales[-1]))
+        mapper = LevelMapper(k_min, k_max, self.canonical_scale, self.canonical_level)
+        levels = mapper(boxes)
+        c = feats[0].shape[1]
+        result = feats[0].new_zeros((rois.shape[0], c) + self.output_size)
+        for level, (feat, scale) in enumerate(zip(feats, scales)):  # a loop over the 4 levels
+            idx = torch.where(levels == level)[0]
+            pooled = roi_align(feat, rois[idx], self.output_size, scale, self.sampling_ratio, self.aligned)
+            result = result.index_put((idx,), pooled.to(result.dtype))
+        return result

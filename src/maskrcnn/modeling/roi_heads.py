@@ -1,0 +1,144 @@
+"""RoI heads: proposal sampling in training, then the parallel box and mask branches."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from maskrcnn.config import ModelConfig
+from maskrcnn.modeling.box_head import FastRCNNPredictor, build_box_head, fastrcnn_loss, postprocess_detections
+from maskrcnn.modeling.mask_head import MaskRCNNHeads, MaskRCNNPredictor, maskrcnn_inference, maskrcnn_loss
+from maskrcnn.modeling.matcher import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedPositiveNegativeSampler, Matcher
+from maskrcnn.modeling.poolers import MultiScaleRoIAlign
+from maskrcnn.ops.boxes import BoxCoder, box_iou
+
+FPN_LEVELS = ["0", "1", "2", "3"]
+
+
+class RoIHeads(nn.Module):
+    """Box branch (classification + regression) and mask branch over RoIs pooled from the FPN levels P2..P5."""
+
+    def __init__(self, cfg: ModelConfig, in_channels: int) -> None:
+        """Builds poolers, heads and predictors for ``cfg.num_classes`` foreground classes (+1 background)."""
+        super().__init__()
+        bh, mh = cfg.box_head, cfg.mask_head
+        k1 = cfg.num_classes + 1
+        self.box_cfg = bh
+        self.mask_cfg = mh
+        self.box_roi_pool = MultiScaleRoIAlign(FPN_LEVELS, bh.pooler_resolution, bh.pooler_sampling_ratio,
+                                               bh.pooler_aligned)
+        self.box_head = build_box_head(bh, in_channels)
+        self.box_predictor = FastRCNNPredictor(self.box_head.out_features, k1)
+        self.box_coder = BoxCoder(bh.bbox_reg_weights)
+        self.proposal_matcher = Matcher(bh.fg_iou_thresh, bh.bg_iou_thresh, allow_low_quality_matches=False)
+        self.fg_bg_sampler = BalancedPositiveNegativeSampler(bh.batch_size_per_image, bh.positive_fraction)
+        self.mask_roi_pool: MultiScaleRoIAlign | None = None
+        self.mask_head: MaskRCNNHeads | None = None
+        self.mask_predictor: MaskRCNNPredictor | None = None
+        if mh.enabled:
+            self.mask_roi_pool = MultiScaleRoIAlign(FPN_LEVELS, mh.pooler_resolution, mh.pooler_sampling_ratio,
+                                                    mh.pooler_aligned)
+            self.mask_head = MaskRCNNHeads(in_channels, mh)
+            self.mask_predictor = MaskRCNNPredictor(self.mask_head.out_channels, mh.conv_dim, k1)
+
+    # -- training-time sampling -------------------------------------------------------------------------
+
+    def _assign_targets(self, proposals: list[Tensor], gt_boxes: list[Tensor], gt_labels: list[Tensor]
+                        ) -> tuple[list[Tensor], list[Tensor]]:
+        matched_idxs, labels = [], []
+        for props, boxes, labs in zip(proposals, gt_boxes, gt_labels):
+            if boxes.numel() == 0:
+                # An image without objects contributes background RoIs only.
+                clamped = torch.zeros((props.shape[0],), dtype=torch.int64, device=props.device)
+                lab = torch.zeros((props.shape[0],), dtype=torch.int64, device=props.device)
+            else:
+                idx = self.proposal_matcher(box_iou(boxes, props))
+                clamped = idx.clamp(min=0)
+                lab = labs[clamped].to(torch.int64)
+                lab[idx == BELOW_LOW_THRESHOLD] = 0
+                lab[idx == BETWEEN_THRESHOLDS] = -1
+            matched_idxs.append(clamped)
+            labels.append(lab)
+        return matched_idxs, labels
+
+    def select_training_samples(self, proposals: list[Tensor], targets: list[dict[str, Tensor]],
+                                generator: torch.Generator | None = None
+                                ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """Append GT boxes to the proposals, match (IoU 0.5), sample 512 RoIs/image with 25% positives.
+
+        Returns per image: sampled RoIs (R, 4), matched GT indices (R,), labels (R,) and regression targets (R, 4).
+        """
+        dtype = proposals[0].dtype
+        gt_boxes = [t["boxes"].to(dtype) for t in targets]
+        gt_labels = [t["labels"] for t in targets]
+        proposals = [torch.cat((p, g)) for p, g in zip(proposals, gt_boxes)]
+        matched_idxs, labels = self._assign_targets(proposals, gt_boxes, gt_labels)
+        pos, neg = self.fg_bg_sampler(labels, generator)
+        out_props, out_idxs, out_labels, out_targets = [], [], [], []
+        for i in range(len(proposals)):  # a loop over the images of the batch
+            inds = torch.where(pos[i] | neg[i])[0]
+            props = proposals[i][inds]
+            out_props.append(props)
+            out_idxs.append(matched_idxs[i][inds])
+            out_labels.append(labels[i][inds])
+            g = gt_boxes[i]
+            if g.numel() == 0:
+                g = torch.zeros((1, 4), dtype=dtype, device=props.device)
+            out_targets.append(self.box_coder.encode(g[out_idxs[-1]], props))
+        return out_props, out_idxs, out_labels, out_targets
+
+    # -- forward ----------------------------------------------------------------------------------------
+
+    def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
+                targets: list[dict[str, Tensor]] | None = None, generator: torch.Generator | None = None,
+                score_thresh: float | None = None) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        """Proposals (Pi, 4) XYXY resized-image pixels -> detections per image (eval) or losses (train).
+
+        In eval each detection dict has boxes (D, 4), scores (D,), labels (D,) and, with the mask branch,
+        ``mask_logits`` (D, M, M) of the predicted class and ``masks`` (D, 1, M, M) probabilities.
+        """
+        losses: dict[str, Tensor] = {}
+        if self.training:
+            if targets is None:
+                raise ValueError("targets are required in training mode")
+            proposals, matched_idxs, labels, regression_targets = self.select_training_samples(
+                proposals, targets, generator)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_sizes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        results: list[dict[str, Tensor]] = []
+        if self.training:
+            loss_cls, loss_box = fastrcnn_loss(class_logits, box_regression, labels, regression_targets,
+                                               self.box_cfg.smooth_l1_beta)
+            losses = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
+        else:
+            results = postprocess_detections(class_logits, box_regression, proposals, image_sizes, self.box_coder,
+                                             self.box_cfg, score_thresh)
+        if self.mask_head is None:
+            return results, losses
+        assert self.mask_roi_pool is not None and self.mask_predictor is not None
+        if self.training:
+            pos_props, pos_idxs = [], []
+            for props, lab, idx in zip(proposals, labels, matched_idxs):
+                p = torch.where(lab > 0)[0]
+                pos_props.append(props[p])
+                pos_idxs.append(idx[p])
+            mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, pos_props, image_sizes)))
+            losses["loss_mask"] = maskrcnn_loss(mask_logits, pos_props, [t["masks"] for t in targets],
+                                                [t["labels"] for t in targets], pos_idxs)
+        else:
+            det_boxes = [r["boxes"] for r in results]
+            if sum(b.shape[0] for b in det_boxes) == 0:
+                m = 2 * self.mask_cfg.pooler_resolution
+                for r in results:
+                    r["mask_logits"] = r["boxes"].new_zeros((0, m, m))
+                    r["masks"] = r["boxes"].new_zeros((0, 1, m, m))
+                return results, losses
+            mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, det_boxes, image_sizes)))
+            labels_det = [r["labels"] for r in results]
+            probs = maskrcnn_inference(mask_logits, labels_det)
+            idx = torch.arange(mask_logits.shape[0], device=mask_logits.device)
+            chosen = mask_logits[idx, torch.cat(labels_det)]
+            for r, p, lg in zip(results, probs, chosen.split([b.shape[0] for b in det_boxes])):
+                r["masks"] = p
+                r["mask_logits"] = lg
+        return results, losses
