@@ -38,7 +38,11 @@ def to_chw_float(image: ImageInput) -> Tensor:
 
         path = str(image)
         image = read_image(image)
-    t = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
+    if isinstance(image, np.ndarray):
+        arr = np.ascontiguousarray(image)
+        t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+    else:
+        t = image
     if not isinstance(t, Tensor):
         raise TypeError(f"unsupported image type {type(t).__name__}; expected a path, numpy array or tensor")
     if t.dim() == 2:
