@@ -162,41 +162,38 @@ def ops_cases(fixtures_dir: Path) -> dict[str, Any]:
     return torch.load(path, weights_only=True)
 
 
-def _params(case: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in case.items() if not isinstance(v, torch.Tensor))
+def _assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str, i: int, case: dict[str, Any]) -> None:
+    params = ", ".join(f"{k}={v}" for k, v in case.items() if not isinstance(v, torch.Tensor))
+    tol = TOL[expected.dtype]
+    torch.testing.assert_close(actual, expected, atol=tol, rtol=0, msg=lambda m: f"{what}, case {i} ({params}): {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_roi_align_matches_torchvision_fixtures(ops_cases: dict[str, Any], dtype: torch.dtype) -> None:
     cases = [c for c in ops_cases["roi_align"] if c["features"].dtype == dtype]
     assert cases, f"no {dtype} roi_align fixtures"
+    if dtype == torch.float64:
+        assert all("grad_output" in c for c in cases)
     for i, case in enumerate(cases):
         feats = case["features"].clone().requires_grad_("grad_output" in case)
         out = roi_align(
             feats, case["rois"], case["output_size"], case["spatial_scale"], case["sampling_ratio"], case["aligned"]
         )
-        torch.testing.assert_close(out, case["output"], atol=TOL[dtype], rtol=0, msg=lambda m: f"case {i} ({_params(case)}): {m}")
+        _assert_matches(out, case["output"], "output", i, case)
         if "grad_output" in case:
             out.backward(case["grad_output"])
-            torch.testing.assert_close(
-                feats.grad, case["grad_features"], atol=TOL[dtype], rtol=0, msg=lambda m: f"grad, case {i} ({_params(case)}): {m}"
-            )
-    if dtype == torch.float64:
-        assert all("grad_output" in c for c in cases)
+            _assert_matches(feats.grad, case["grad_features"], "grad", i, case)
 
 
 def test_roi_pool_matches_torchvision_fixtures(ops_cases: dict[str, Any]) -> None:
     cases = ops_cases["roi_pool"]
     assert cases
     for i, case in enumerate(cases):
-        dtype = case["features"].dtype
         feats = case["features"].clone().requires_grad_(True)
         out = roi_pool(feats, case["rois"], case["output_size"], case["spatial_scale"])
-        torch.testing.assert_close(out, case["output"], atol=TOL[dtype], rtol=0, msg=lambda m: f"case {i} ({_params(case)}): {m}")
+        _assert_matches(out, case["output"], "output", i, case)
         out.backward(case["grad_output"])
-        torch.testing.assert_close(
-            feats.grad, case["grad_features"], atol=TOL[dtype], rtol=0, msg=lambda m: f"grad, case {i} ({_params(case)}): {m}"
-        )
+        _assert_matches(feats.grad, case["grad_features"], "grad", i, case)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,7 +213,9 @@ def test_roi_pool_matches_torchvision_fixtures(ops_cases: dict[str, Any]) -> Non
         ((4, 4), 0.25, 0, False),
     ],
 )
-def test_roi_align_matches_brute_force(out_hw: tuple[int, int], scale: float, sampling_ratio: int, aligned: bool) -> None:
+def test_roi_align_matches_brute_force(
+    out_hw: tuple[int, int], scale: float, sampling_ratio: int, aligned: bool
+) -> None:
     gen = torch.Generator().manual_seed(hash((out_hw, scale, sampling_ratio, aligned)) % 2**31)
     x = torch.randn(2, 2, 7, 9, generator=gen, dtype=torch.float64)
     rois = _random_rois(gen, 2, 7, 9, 8, scale)
@@ -267,7 +266,7 @@ def test_roi_pool_lowest_values_and_chunking(monkeypatch: pytest.MonkeyPatch) ->
     x = torch.full((1, 2, 4, 5), -1e300, dtype=torch.float64)
     x[0, 0, 2, 3] = float("-inf")
     x[0, 1, 1, 1] = -5.0
-    rois = torch.tensor([[0, 0.0, 0.0, 4.0, 3.0], [0, 1.0, 1.0, 2.0, 2.0], [0, 2.0, 1.0, 4.0, 3.0]], dtype=torch.float64)
+    rois = torch.tensor([[0, 0, 0, 4, 3], [0, 1, 1, 2, 2], [0, 2, 1, 4, 3]], dtype=torch.float64)
     grad_out = torch.randn(3, 2, 2, 2, dtype=torch.float64)
     want_out, want_grad = _ref_roi_pool(x, rois, (2, 2), 1.0, grad_out)
     monkeypatch.setattr(ra, "_MAX_POOL_ELEMENTS", 1)
@@ -287,13 +286,13 @@ def test_roi_pool_lowest_values_and_chunking(monkeypatch: pytest.MonkeyPatch) ->
 def test_roi_align_gradcheck(sampling_ratio: int, aligned: bool) -> None:
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 2, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    rois = torch.tensor([[0, 0.3, 0.7, 4.2, 3.9], [1, -1.0, 1.5, 3.0, 6.5], [0, 2.0, 2.0, 2.4, 2.2]], dtype=torch.float64)
+    rois = torch.tensor([[0, 0.3, 0.7, 4.2, 3.9], [1, -1, 1.5, 3, 6.5], [0, 2, 2, 2.4, 2.2]], dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda t: roi_align(t, rois, (2, 3), 1.0, sampling_ratio, aligned), (x,))
 
 
 def test_roi_pool_gradcheck() -> None:
     gen = torch.Generator().manual_seed(6)
-    x = torch.randn(2, 2, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 1, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     rois = torch.tensor([[0, 0.3, 0.7, 4.2, 3.9], [1, -1.0, 1.5, 3.0, 6.5]], dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda t: roi_pool(t, rois, (2, 2), 1.0), (x,))
 
@@ -312,7 +311,10 @@ def test_empty_rois(op: Any) -> None:
 def test_list_of_boxes_equals_rois_tensor(op: Any) -> None:
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(2, 3, 10, 12, generator=gen)
-    boxes = [torch.tensor([[1.0, 2.0, 8.0, 7.0], [0.5, 0.5, 3.0, 9.5], [4.0, 1.0, 11.0, 3.0]]), torch.tensor([[2.0, 3.0, 6.0, 9.0]])]
+    boxes = [
+        torch.tensor([[1.0, 2.0, 8.0, 7.0], [0.5, 0.5, 3.0, 9.5], [4.0, 1.0, 11.0, 3.0]]),
+        torch.tensor([[2.0, 3.0, 6.0, 9.0]]),
+    ]
     rois = torch.cat([torch.tensor([[0.0], [0.0], [0.0], [1.0]]), torch.cat(boxes)], dim=1)
     assert torch.equal(op(x, boxes, 3, 0.5), op(x, rois, (3, 3), 0.5))
     assert torch.equal(ra.convert_boxes_to_roi_format(boxes), rois)
@@ -344,3 +346,13 @@ def test_cuda_matches_cpu() -> None:
             grads.append(xg.grad.cpu())
         torch.testing.assert_close(outs[1], outs[0], atol=1e-12, rtol=0)
         torch.testing.assert_close(grads[1], grads[0], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("op", [roi_align, roi_pool])
+def test_half_input_is_computed_in_float32(op: Any) -> None:
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 3, 6, 7, generator=gen).half()
+    rois = _random_rois(gen, 2, 6, 7, 5, 1.0)
+    out = op(x, rois, 3, 1.0)
+    assert out.dtype == torch.float16
+    assert torch.equal(out, op(x.float(), rois, 3, 1.0).half())

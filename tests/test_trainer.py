@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -479,3 +477,29 @@ def test_real_maskrcnn_and_loader_resume_bit_identical(tmp_path):
     assert [h["iter"] for h in resumed.history] == [2, 3]
     assert history_rows(resumed.history) == history_rows(ref.history)[1:]
     assert_same_weights(resumed_model, ref_model)
+
+
+def test_real_loader_passed_as_dataloader_resumes_by_consumed_count(tmp_path):
+    data = pytest.importorskip("maskrcnn.data")
+    ann = data.generate_shapes(tmp_path / "shapes", 5, seed=1, image_size=(24, 32))
+    cfg = make_cfg()
+
+    def loader(crash_after=None):
+        ds = data.CocoDataset(ann, tmp_path / "shapes", transforms=data.build_transforms(
+            dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, min_size_train=(20, 24),
+                                                               max_size_train=40)), train=True))
+        return data.build_train_loader(_CrashingDataset(ds, crash_after), cfg)
+
+    ref_model = TinyDetector()
+    ref = Trainer(ref_model, cfg, loader(), tmp_path / "ref")
+    ref.train()
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated preemption"):
+        Trainer(TinyDetector(), cfg, loader(crash_after=4 * 2), out).train()
+    state = load_checkpoint(out / "checkpoints" / "model_0000003.pt")
+    assert state["rank_states"][0]["data"] == {"iteration": 3}
+    model = TinyDetector(init_seed=2)
+    resumed = Trainer(model, cfg, loader(), out)
+    resumed.train(resume=True)
+    assert history_rows(resumed.history) == history_rows(ref.history)[3:]
+    assert_same_weights(model, ref_model)

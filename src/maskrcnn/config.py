@@ -260,13 +260,15 @@ def _r18_fpn_demo() -> Config:
     model = ModelConfig(
         num_classes=3,
         class_names=("square", "circle", "triangle"),
-        backbone=BackboneConfig(depth=18, norm="frozen_bn", trainable_layers=5),
-        fpn=FPNConfig(out_channels=128),
+        # Trained from scratch (no downloads), so GroupNorm: frozen BN would leave a random net unnormalised,
+        # and BatchNorm is noisy at 4 images per batch (He et al., "Rethinking ImageNet Pre-training").
+        backbone=BackboneConfig(depth=18, norm="gn", trainable_layers=5),
+        fpn=FPNConfig(out_channels=128, norm="gn"),
         anchors=AnchorConfig(sizes=(16, 32, 64, 128, 256)),
         rpn=RPNConfig(pre_nms_top_n_train=1000, post_nms_top_n_train=500,
                       pre_nms_top_n_test=500, post_nms_top_n_test=300),
         box_head=BoxHeadConfig(fc_dim=256, batch_size_per_image=128),
-        mask_head=MaskHeadConfig(conv_dim=128),
+        mask_head=MaskHeadConfig(conv_dim=128, norm="gn"),
     )
     inp = InputConfig(min_size_train=(224, 240, 256, 272, 288), max_size_train=480,
                       min_size_test=256, max_size_test=480)

@@ -52,6 +52,7 @@ __all__ = [
     "build_lr_scheduler",
     "build_optimizer",
     "plot_loss_curves",
+    "read_metrics",
     "resolve_device",
     "seed_all",
 ]
@@ -142,6 +143,7 @@ class _DataStream:
                                   "available; pass a data loader or a loader factory instead") from e
 
             def factory(start_iter: int) -> Iterable[Any]:
+                """The dataset's training loader positioned at ``start_iter``."""
                 return build_train_loader(source, cfg, rank=rank, world_size=world_size, start_iter=start_iter)
 
             self.kind = "factory"
@@ -278,9 +280,9 @@ class Trainer:
     ``loss_curves.png`` (with matplotlib) and TensorBoard events under ``tensorboard/`` (when enabled).
     """
 
-    def __init__(self, model: nn.Module, cfg: Config, train_data: Any, out_dir: str | Path,
+    def __init__(self, model: nn.Module, cfg: Config, train_loader_or_dataset: Any, out_dir: str | Path,
                  eval_fn: EvalFn | None = None, device: str | torch.device | None = None) -> None:
-        """Set up device, optimiser, schedule, AMP and the data stream; ``train_data`` follows the module contract."""
+        """Set up device, optimiser, schedule, AMP and data; the data follows the module docstring's contract."""
         self.cfg = cfg
         self.solver = cfg.solver
         self.max_iter = int(cfg.solver.max_iter)
@@ -291,17 +293,20 @@ class Trainer:
         self.is_main = self.rank == 0
         self.device = resolve_device(device if device is not None else cfg.train.device)
 
-        self.model = model.to(self.device)
+        ddp = nn.parallel.DistributedDataParallel
+        # self.model is always the bare module (checkpoints hold its keys, without "module."); the forward
+        # pass goes through the DDP wrapper when there is one.
+        self.model: nn.Module = (model.module if isinstance(model, ddp) else model).to(self.device)
+        self._train_model: nn.Module = model if isinstance(model, ddp) else self.model
+        if self.world_size > 1 and not isinstance(model, ddp):
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._train_model = ddp(self.model, device_ids=ids)
         self.optimizer = build_optimizer(self.model, cfg.solver)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.solver, self.max_iter)
         self._setup_amp()
-        self._train_model: nn.Module = self.model
-        if self.world_size > 1 and not isinstance(model, nn.parallel.DistributedDataParallel):
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self._train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_last)
-        self._data = _DataStream(train_data, cfg, self.rank, self.world_size)
+        self._data = _DataStream(train_loader_or_dataset, cfg, self.rank, self.world_size)
         self._metrics = _MetricsLog(self.out_dir / "metrics.jsonl", self.is_main)
         self.iteration = 0
         # Per-iteration values of this process's run: {"iter", "lr", "total_loss", <loss terms>}.
@@ -334,14 +339,13 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------------
 
-    def _rank_state(self) -> dict[str, Any]:
+    def _rng_state(self) -> dict[str, Any]:
         return {
             "rng": get_rng_state(),
             "generators": {k: g.get_state() for k, g in module_generators(self.model).items()},
-            "data": self._data.state(self.iteration),
         }
 
-    def _set_rank_state(self, state: dict[str, Any]) -> None:
+    def _set_rng_state(self, state: dict[str, Any]) -> None:
         set_rng_state(state["rng"])
         gens = module_generators(self.model)
         for name, gstate in state.get("generators", {}).items():
@@ -362,7 +366,7 @@ class Trainer:
     def save_checkpoint(self, iteration: int) -> Path | None:
         """Write the full training state after ``iteration`` completed iterations (path on rank 0, else None)."""
         self._check_weights_finite(iteration)
-        rank_states = du.all_gather_object(self._rank_state())
+        rank_states = du.all_gather_object({**self._rng_state(), "data": self._data.state(iteration)})
         path = None
         if self.is_main:
             state = {
@@ -442,9 +446,10 @@ class Trainer:
             tb = self._open_tensorboard()
             # The iterator is made before the RNGs are set: creating one may draw from the global RNG, which
             # in the original run happened at iteration 0, not here.
-            self._data.start(start_iter, rank_state["data"] if rank_state else None)
+            if start_iter < self.max_iter:
+                self._data.start(start_iter, rank_state["data"] if rank_state else None)
             if rank_state is not None:
-                self._set_rank_state(rank_state)
+                self._set_rng_state(rank_state)
             elif ckpt is None:
                 seed_all(self.cfg.train.seed + self.rank)
             self._train_model.train()
@@ -559,14 +564,14 @@ class Trainer:
 
     def _evaluate(self, it_num: int, tb: Any) -> None:
         # Evaluation must not shift the training RNG streams, or a resumed run would diverge from the original.
-        saved = self._rank_state()
+        saved = self._rng_state()
         self.model.eval()
         try:
             with torch.no_grad():
                 metrics = self.eval_fn(self.model, it_num) or {}
         finally:
-            self.model.train()
-            self._set_rank_state(saved)
+            self._train_model.train()
+            self._set_rng_state(saved)
         self.last_eval = dict(metrics)
         if self.is_main:
             self._metrics.write({"type": "eval", "iter": it_num, **metrics})

@@ -94,7 +94,7 @@ class BoxCoder:
         half_h = 0.5 * pred_h
         half_w = 0.5 * pred_w
         out = torch.stack((pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h), dim=2)
-        return out.reshape(boxes.shape[0], -1, 4)
+        return out.reshape(boxes.shape[0], rel_codes.shape[1] // 4, 4)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """RoIAlign and RoIPool in pure PyTorch, reproducing torchvision's CPU kernels (values, gradients, edge cases).
 
-Both ops first turn every RoI into a set of (output cell, feature pixel, weight) triplets, which depend only on
-the RoIs and the map size, not on the channels. RoIAlign then applies them as a weighted segment sum over the
-channels-last feature matrix ``(N*H*W, C)`` with ``embedding_bag``; its backward is the transposed weighted sum,
-done with the same primitive after sorting the triplets by feature pixel. Neither direction materialises a
-``(K, C, oh, ow, samples)`` tensor, so memory stays at ``O(triplets + K*C*oh*ow + N*C*H*W)``.
+RoIAlign turns every RoI into (output cell, feature pixel, weight) triplets, which depend only on the RoIs and
+the map size, not on the channels, and applies them as a weighted segment sum over the channels-last feature
+matrix ``(N*H*W, C)`` with ``embedding_bag``. Its backward is the adjoint sum, done with the same primitive after
+sorting the triplets by feature pixel. Neither direction materialises a ``(K, C, oh, ow, samples)`` tensor.
+On CPU this beat ``torch.sparse`` CSR/COO products (~2.5x) and chunked gather + bmm / index_add (~10x).
+
+RoIPool gathers each bin's pixel window, padded to the largest window in a group of similar RoIs, in
+memory-bounded chunks, and routes gradients to the recorded argmax with ``index_add_``.
 """
 
 from __future__ import annotations
@@ -87,8 +90,9 @@ def _plan_chunks(
     # log2 of an integer power of two is exact in float64, so ceil() puts 2^b in bucket b and 2^b + 1 in b + 1.
     bits_h = torch.ceil(torch.log2(ext_h.to(torch.float64))).to(torch.int64)
     bits_w = torch.ceil(torch.log2(ext_w.to(torch.float64))).to(torch.int64)
-    order = torch.argsort(bits_h * 64 + bits_w, stable=True)
-    _, group, counts = torch.unique_consecutive((bits_h * 64 + bits_w)[order], return_inverse=True, return_counts=True)
+    key = bits_h * 64 + bits_w
+    order = torch.argsort(key, stable=True)  # groups contiguous, RoI order kept inside
+    _, group, counts = torch.unique_consecutive(key[order], return_inverse=True, return_counts=True)
     max_h = torch.zeros_like(counts).scatter_reduce_(0, group, ext_h[order], "amax", include_self=False)
     max_w = torch.zeros_like(counts).scatter_reduce_(0, group, ext_w[order], "amax", include_self=False)
     # The one host sync of the call: group sizes and padded extents decide tensor shapes.
@@ -112,7 +116,8 @@ def _align_geometry(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-RoI start_h, start_w, bin_h, bin_w (feature pixels, rois dtype) and grid_h, grid_w (int64, may be <= 0)."""
     dtype = rois.dtype
-    # Same precision and operation order as the kernel (T roi * T scale - T offset) so float32 agrees bitwise.
+    # Same precision and operation order as the kernel (T roi * T scale - T offset), so that sample positions
+    # agree bit for bit in float32 too.
     offset = 0.5 if aligned else 0.0
     scale = torch.tensor(spatial_scale, dtype=dtype, device=rois.device)
     start_w = rois[:, 1] * scale - offset
@@ -174,7 +179,8 @@ def _align_axis(
     first = torch.where(valid, low, torch.full_like(low, size)).amin(dim=2, keepdim=True)  # (R, pooled, 1)
     first = torch.where(first == size, torch.zeros_like(first), first)
     offset = torch.where(valid.unsqueeze(-1), index - first.unsqueeze(-1), torch.zeros_like(index))
-    summed = weights.new_zeros((r, pooled, window)).scatter_add_(2, offset.view(r, pooled, -1), weights.view(r, pooled, -1))
+    summed = weights.new_zeros((r, pooled, window))
+    summed.scatter_add_(2, offset.view(r, pooled, -1), weights.view(r, pooled, -1))
     # Window pixels past the map edge carry weight 0; clamping keeps their index valid for the gather.
     pixels = (first + torch.arange(window, device=start.device)).clamp_max(size - 1)
     return pixels, summed
@@ -291,14 +297,14 @@ class _RoIAlignFunction(torch.autograd.Function):
         cells = pooled_h * pooled_w
         out: Tensor | None = None
         for sel, index, weights in _align_chunks(rois, *ctx.args):
-            bags = F.embedding_bag(index, feats, mode="sum", per_sample_weights=weights)
-            if out is None and isinstance(sel, slice) and sel == slice(0, k):
-                out = bags.view(k, cells, c)
-                break
-            if out is None:
-                out = feats.new_empty((k, cells, c))
-            out[sel] = bags.view(-1, cells, c)
+            bags = F.embedding_bag(index, feats, mode="sum", per_sample_weights=weights).view(-1, cells, c)
+            if isinstance(sel, slice) and sel == slice(0, k):
+                out = bags  # the usual fixed-grid case: a single chunk, already in RoI order
+            else:
+                out = feats.new_empty((k, cells, c)) if out is None else out
+                out[sel] = bags
         assert out is not None
+        del feats  # free the channels-last copy before the output's layout copy below
         # Callers may .view() the result, so hand back the NCHW-contiguous layout torchvision returns.
         return out.view(k, pooled_h, pooled_w, c).permute(0, 3, 1, 2).contiguous()
 
@@ -316,6 +322,7 @@ class _RoIAlignFunction(torch.autograd.Function):
             part = _transpose_sum(index, weights, g[sel].reshape(-1, c), n * h * w)
             grad_in = part if grad_in is None else grad_in.add_(part)
         assert grad_in is not None
+        del g  # free before the layout copy below allocates the NCHW gradient
         return _rows_to_nchw(grad_in, n, c, h, w), None, None, None, None, None, None
 
 
@@ -327,8 +334,14 @@ def roi_align(
     sampling_ratio: int = -1,
     aligned: bool = False,
 ) -> Tensor:
-    """RoIAlign of input (N, C, H, W) over rois (K, 5) [batch, x1, y1, x2, y2] in image pixels (times
-    spatial_scale gives feature pixels) or a list of per-image (Ki, 4) boxes: (K, C, oh, ow)."""
+    """RoIAlign: input (N, C, H, W), rois (K, 5) [batch, x1, y1, x2, y2] or [(Ki, 4)] in image px -> (K, C, oh, ow).
+
+    Box coordinates times ``spatial_scale`` are feature-map pixels. Bins average the bilinear samples of a
+    ``sampling_ratio``^2 grid (adaptive ceil(roi / output) per RoI when <= 0); ``aligned`` shifts by -0.5 px.
+    """
+    if input.dtype in (torch.float16, torch.bfloat16):
+        # As torchvision's autocast wrapper: compute in float32, return the input's precision.
+        return roi_align(input.float(), rois, output_size, spatial_scale, sampling_ratio, aligned).to(input.dtype)
     rois_t = _as_rois(input, rois)
     pooled_h, pooled_w = _pair(output_size)
     return _RoIAlignFunction.apply(
@@ -389,7 +402,10 @@ class _RoIPoolFunction(torch.autograd.Function):
             ext_w = (wend - wstart).amax(dim=1)
             lowest = torch.finfo(torch.float32).min  # the kernel scans from -FLT_MAX whatever T is
             chan = torch.arange(c, device=input.device)
-            for sel, bh, bw in _plan_chunks(k, (ext_h, ext_w), lambda bh, bw: pooled_h * pooled_w * c * bh * bw, _MAX_POOL_ELEMENTS):
+            def cost(win_h: int, win_w: int) -> int:
+                return pooled_h * pooled_w * c * win_h * win_w
+
+            for sel, bh, bw in _plan_chunks(k, (ext_h, ext_w), cost, _MAX_POOL_ELEMENTS):
                 hs, he, ws, we, b = hstart[sel], hend[sel], wstart[sel], wend[sel], batch[sel]
                 r = b.numel()
                 rows = hs.view(r, pooled_h, 1, 1, 1) + torch.arange(bh, device=input.device).view(1, 1, 1, -1, 1)
@@ -417,7 +433,7 @@ class _RoIPoolFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         (argmax,) = ctx.saved_tensors
         n, c, h, w = ctx.input_shape
-        grad_in = grad_out.new_zeros((n * h * w * c,))
+        grad_in = grad_out.new_zeros((n * h * w * c,))  # channels-last, the layout argmax indexes
         if argmax.numel() > 0:
             g = grad_out.permute(0, 2, 3, 1)
             hit = argmax >= 0
@@ -425,8 +441,7 @@ class _RoIPoolFunction(torch.autograd.Function):
             # which would need a data-dependent shape (a host sync).
             pos = torch.where(hit, argmax, torch.zeros_like(argmax)).reshape(-1)
             grad_in.index_add_(0, pos, torch.where(hit, g, torch.zeros_like(g)).reshape(-1))
-        grad_in = grad_in.view(n, h, w, c).permute(0, 3, 1, 2).contiguous()
-        return grad_in, None, None, None, None
+        return _rows_to_nchw(grad_in.view(n * h * w, c), n, c, h, w), None, None, None, None
 
 
 def roi_pool(
@@ -435,8 +450,14 @@ def roi_pool(
     output_size: int | tuple[int, int],
     spatial_scale: float = 1.0,
 ) -> Tensor:
-    """RoIPool (max over integer bins of rounded RoIs) of input (N, C, H, W) over rois (K, 5) [batch, x1, y1,
-    x2, y2] in image pixels (times spatial_scale gives feature pixels) or per-image (Ki, 4) boxes: (K, C, oh, ow)."""
+    """RoIPool: input (N, C, H, W), rois (K, 5) [batch, x1, y1, x2, y2] or [(Ki, 4)] in image px -> (K, C, oh, ow).
+
+    Box coordinates times ``spatial_scale`` are rounded to feature-map pixels; each output is the max over its
+    integer bin (0 for an empty bin), and its gradient goes to the first maximum in row-major scan order.
+    """
+    if input.dtype in (torch.float16, torch.bfloat16):
+        # As torchvision's autocast wrapper: compute in float32, return the input's precision.
+        return roi_pool(input.float(), rois, output_size, spatial_scale).to(input.dtype)
     rois_t = _as_rois(input, rois)
     pooled_h, pooled_w = _pair(output_size)
     return _RoIPoolFunction.apply(input, rois_t, pooled_h, pooled_w, float(spatial_scale))

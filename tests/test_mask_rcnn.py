@@ -1,0 +1,150 @@
+"""MaskRCNN: torchvision's preprocessing, input handling, losses, and a tiny overfitting run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_close_f32
+
+from maskrcnn.config import Config, apply_overrides, get_preset
+from maskrcnn.modeling.mask_rcnn import LOSS_KEYS, MaskRCNN, resize_boxes, to_chw_float
+
+
+def tiny_config(num_classes: int = 2) -> Config:
+    """A ResNet-18-FPN small enough to train for a few steps on CPU in seconds."""
+    cfg = get_preset("r18_fpn_demo")
+    return apply_overrides(cfg, {
+        "model.num_classes": num_classes, "model.class_names": [f"c{i}" for i in range(1, num_classes + 1)],
+        "model.fpn.out_channels": 32, "model.mask_head.conv_dim": 32, "model.box_head.fc_dim": 64,
+        "model.box_head.batch_size_per_image": 64, "model.rpn.batch_size_per_image": 64,
+        "model.rpn.pre_nms_top_n_train": 200, "model.rpn.post_nms_top_n_train": 100,
+        "model.rpn.pre_nms_top_n_test": 200, "model.rpn.post_nms_top_n_test": 100,
+        "input.min_size_test": 64, "input.max_size_test": 96,
+    })
+
+
+def synthetic_pair(seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A 64x80 image with a bright square (class 1) and a dark disc (class 2), and its targets."""
+    g = np.random.default_rng(seed)
+    img = np.full((64, 80, 3), 120, np.uint8)
+    masks = np.zeros((2, 64, 80), np.uint8)
+    x, y = g.integers(4, 30), g.integers(4, 30)
+    masks[0, y:y + 24, x:x + 24] = 1
+    yy, xx = np.mgrid[:64, :80]
+    masks[1] = ((yy - 40) ** 2 + (xx - 58) ** 2) < 12**2
+    masks[1] &= 1 - masks[0]
+    img[masks[0] > 0] = (250, 240, 30)
+    img[masks[1] > 0] = (20, 30, 200)
+    boxes = []
+    for m in masks:
+        ys, xs = np.nonzero(m)
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    target = {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor([1, 2]),
+              "masks": torch.from_numpy(masks)}
+    return torch.from_numpy(img).permute(2, 0, 1).contiguous(), target
+
+
+def test_preprocessing_matches_torchvision(ops_fixture: dict) -> None:
+    t = ops_fixture["transform"]
+    cfg = dataclasses.replace(tiny_config(), input=dataclasses.replace(
+        tiny_config().input, pixel_mean=tuple(t["image_mean"]), pixel_std=tuple(t["image_std"]),
+        size_divisible=t["size_divisible"]))
+    model = MaskRCNN(cfg).eval()
+    for case in t["cases"]:
+        model.min_size_test, model.max_size_test = case["min_size"], case["max_size"]
+        image = case.get("image", torch.rand(case["input_shape"]))
+        batch, sizes = model.preprocess([image], resize=True)
+        assert list(sizes[0]) == list(case["image_size"])
+        assert list(batch.shape) == list(case["batch_shape"])
+        if "output" in case:
+            assert_close_f32(batch[0], case["output"], what="normalised image")
+        if "boxes_resized" in case:
+            back = resize_boxes(case["boxes_resized"], tuple(case["image_size"]), tuple(case["input_shape"][-2:]))
+            assert_close_f32(back, case["boxes_original"], what="boxes to input")
+
+
+@pytest.mark.parametrize("layout", ["hwc_uint8", "chw_uint8", "chw_float", "gray", "rgba"])
+def test_image_inputs_become_rgb_float(layout: str) -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    expected = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    if layout == "hwc_uint8":
+        x = rgb
+    elif layout == "chw_uint8":
+        x = torch.from_numpy(rgb).permute(2, 0, 1)
+    elif layout == "chw_float":
+        x = expected.clone()
+    elif layout == "gray":
+        x = rgb[..., 0]
+        expected = expected[:1].expand(3, -1, -1)
+    else:
+        x = np.concatenate([rgb, np.full((12, 10, 1), 255, np.uint8)], -1)
+    out = to_chw_float(x)
+    assert out.shape == (3, 12, 10) and out.dtype == torch.float32
+    assert torch.equal(out, expected)
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    with pytest.raises(ValueError, match="channel"):
+        to_chw_float(np.zeros((5, 6, 7), np.uint8))
+    with pytest.raises(TypeError, match="dtype"):
+        to_chw_float(torch.zeros(3, 4, 4, dtype=torch.int32))
+    model = MaskRCNN(tiny_config()).train()
+    img, _ = synthetic_pair(0)
+    with pytest.raises(ValueError, match="targets"):
+        model([img])
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        model([img], [{"boxes": torch.zeros(4), "labels": torch.zeros(1, dtype=torch.long),
+                       "masks": torch.zeros(1, 64, 80)}])
+
+
+def test_training_losses_and_empty_targets() -> None:
+    torch.manual_seed(0)
+    model = MaskRCNN(tiny_config()).train()
+    img, tgt = synthetic_pair(0)
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+             "masks": torch.zeros(0, 64, 80, dtype=torch.uint8)}
+    losses = model([img, img.clone()], [tgt, empty])
+    assert set(losses) == set(LOSS_KEYS)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads)
+
+
+def test_predict_returns_results_in_input_coordinates() -> None:
+    model = MaskRCNN(tiny_config()).eval()
+    img, _ = synthetic_pair(1)
+    hwc = img.permute(1, 2, 0).numpy()
+    results = model.predict([hwc, img], score_threshold=0.0)
+    assert len(results) == 2
+    for r in results:
+        assert r.masks is not None and r.masks.dtype == torch.bool and r.masks.shape[1:] == (64, 80)
+        assert r.boxes.shape[0] == r.scores.shape[0] == r.labels.shape[0] == r.masks.shape[0]
+        if len(r):
+            assert float(r.boxes[:, 2].max()) <= 80 and float(r.boxes[:, 3].max()) <= 64
+    assert torch.equal(results[0].boxes, results[1].boxes)
+
+
+def test_overfits_two_images() -> None:
+    """A tiny ResNet-18-FPN drives its loss down on two synthetic images, then finds both objects."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = MaskRCNN(cfg).train()
+    data = [synthetic_pair(0), synthetic_pair(1)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4)
+    history = []
+    for _ in range(60):
+        losses = model([d[0] for d in data], [d[1] for d in data])
+        loss = sum(losses.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(float(loss.detach()))
+    tail = sum(history[-5:]) / 5
+    assert tail < 0.35 * history[0], (history[0], tail)
+    result = model.predict(data[0][0], score_threshold=0.5)[0]
+    assert sorted(result.labels.tolist())[:2] == [1, 2]

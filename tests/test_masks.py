@@ -1,0 +1,90 @@
+"""Mask ops: paste (torchvision legacy, exact), COCO codecs, and RoI mask targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from conftest import assert_close_f32
+
+from maskrcnn.ops.masks import (
+    encode_rle,
+    paste_masks,
+    polygons_to_bitmap,
+    rle_to_bitmap,
+    roi_mask_targets,
+    segmentation_to_bitmap,
+)
+
+
+def _paste_one_reference(mask: torch.Tensor, box: torch.Tensor, h: int, w: int, padding: int = 1) -> torch.Tensor:
+    """torchvision's per-box paste, written out with F.interpolate, for comparison."""
+    m = mask.shape[-1]
+    scale = float(m + 2 * padding) / m
+    padded = F.pad(mask[None, None], (padding,) * 4)
+    cx, cy = (box[2] + box[0]) * 0.5, (box[3] + box[1]) * 0.5
+    hw, hh = (box[2] - box[0]) * 0.5 * scale, (box[3] - box[1]) * 0.5 * scale
+    b = torch.stack([cx - hw, cy - hh, cx + hw, cy + hh]).to(torch.int64).tolist()
+    bw, bh = max(b[2] - b[0] + 1, 1), max(b[3] - b[1] + 1, 1)
+    res = F.interpolate(padded, size=(bh, bw), mode="bilinear", align_corners=False)[0, 0]
+    out = torch.zeros(h, w)
+    x0, x1, y0, y1 = max(b[0], 0), min(b[2] + 1, w), max(b[1], 0), min(b[3] + 1, h)
+    if x1 > x0 and y1 > y0:
+        out[y0:y1, x0:x1] = res[y0 - b[1]:y1 - b[1], x0 - b[0]:x1 - b[0]]
+    return out
+
+
+def test_paste_matches_torchvision_reference(ops_fixture: dict) -> None:
+    for c in ops_fixture["paste_masks"]:
+        out = paste_masks(c["masks"], c["boxes"], tuple(c["image_shape"]), "legacy", c["padding"])
+        assert_close_f32(out, c["output"], what="paste")
+
+
+def test_paste_matches_per_box_interpolate() -> None:
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(20, 1, 28, 28, generator=g)
+    xy = torch.rand(20, 2, generator=g) * 90 - 20
+    boxes = torch.cat([xy, xy + torch.rand(20, 2, generator=g) * 60], 1)
+    boxes[0] = torch.tensor([30.0, 30.0, 29.0, 31.0])  # degenerate
+    out = paste_masks(masks, boxes, (70, 80))
+    for i in range(20):
+        torch.testing.assert_close(out[i, 0], _paste_one_reference(masks[i, 0], boxes[i], 70, 80), atol=1e-5, rtol=0)
+
+
+def test_paste_empty_and_grid_sample() -> None:
+    assert paste_masks(torch.zeros(0, 1, 28, 28), torch.zeros(0, 4), (10, 12)).shape == (0, 1, 10, 12)
+    ones = torch.ones(1, 1, 28, 28)
+    out = paste_masks(ones, torch.tensor([[2.0, 3.0, 8.0, 9.0]]), (12, 12), mode="grid_sample")[0, 0]
+    assert out[5, 5] == 1.0 and out[0, 0] == 0.0
+
+
+def test_polygon_rle_codecs_round_trip() -> None:
+    square = [[2.0, 2.0, 12.0, 2.0, 12.0, 12.0, 2.0, 12.0]]
+    bm = polygons_to_bitmap(square, 16, 20)
+    assert bm.shape == (16, 20) and bm.dtype == np.uint8 and 90 <= bm.sum() <= 121
+    rle = encode_rle(torch.from_numpy(bm[None].astype(bool)))[0]
+    assert isinstance(rle["counts"], str)
+    assert np.array_equal(rle_to_bitmap(rle, 16, 20), bm)
+    assert np.array_equal(segmentation_to_bitmap(rle, 16, 20), bm)
+    # Uncompressed RLE: column-major run lengths starting with zeros.
+    flat = bm.flatten(order="F")
+    runs, cur, n = [], 0, 0
+    for v in flat:
+        if v != cur:
+            runs.append(n)
+            cur, n = v, 0
+        n += 1
+    runs.append(n)
+    assert np.array_equal(segmentation_to_bitmap({"size": [16, 20], "counts": runs}, 16, 20), bm)
+
+
+def test_roi_mask_targets_crop_and_resize() -> None:
+    gt = torch.zeros(2, 40, 40, dtype=torch.uint8)
+    gt[0, 10:30, 10:30] = 1
+    gt[1, :, :20] = 1
+    boxes = torch.tensor([[10.0, 10.0, 30.0, 30.0], [0.0, 0.0, 40.0, 40.0]])
+    t = roi_mask_targets(gt, boxes, torch.tensor([0, 1]), 28)
+    assert t.shape == (2, 28, 28)
+    # Legacy RoIAlign (aligned=False) samples half a pixel late, so the last row/column reaches past the object.
+    assert torch.all(t[0, :-1, :-1] > 0.99) and 0.0 < t[0, -1, -1] < 0.5
+    assert torch.all(t[1, :, :13] > 0.99) and torch.all(t[1, :, 14:] < 0.01)  # left half only
