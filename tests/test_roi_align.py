@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from decimal import ROUND_HALF_UP, Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -154,12 +153,7 @@ def _random_rois(gen: torch.Generator, n: int, h: int, w: int, k: int, scale: fl
 # torchvision fixtures
 
 
-@pytest.fixture(scope="module")
-def ops_cases(fixtures_dir: Path) -> dict[str, Any]:
-    path = fixtures_dir / "torchvision" / "ops.pt"
-    if not path.is_file():
-        pytest.skip(f"torchvision op fixtures not found at {path}")
-    return torch.load(path, weights_only=True)
+# ``ops_fixture`` (tests/conftest.py) loads torchvision/ops.pt, skipping when the fixtures are absent.
 
 
 def _assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str, i: int, case: dict[str, Any]) -> None:
@@ -169,8 +163,8 @@ def _assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str, i: 
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_roi_align_matches_torchvision_fixtures(ops_cases: dict[str, Any], dtype: torch.dtype) -> None:
-    cases = [c for c in ops_cases["roi_align"] if c["features"].dtype == dtype]
+def test_roi_align_matches_torchvision_fixtures(ops_fixture: dict[str, Any], dtype: torch.dtype) -> None:
+    cases = [c for c in ops_fixture["roi_align"] if c["features"].dtype == dtype]
     assert cases, f"no {dtype} roi_align fixtures"
     if dtype == torch.float64:
         assert all("grad_output" in c for c in cases)
@@ -185,8 +179,8 @@ def test_roi_align_matches_torchvision_fixtures(ops_cases: dict[str, Any], dtype
             _assert_matches(feats.grad, case["grad_features"], "grad", i, case)
 
 
-def test_roi_pool_matches_torchvision_fixtures(ops_cases: dict[str, Any]) -> None:
-    cases = ops_cases["roi_pool"]
+def test_roi_pool_matches_torchvision_fixtures(ops_fixture: dict[str, Any]) -> None:
+    cases = ops_fixture["roi_pool"]
     assert cases
     for i, case in enumerate(cases):
         feats = case["features"].clone().requires_grad_(True)

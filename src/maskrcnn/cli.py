@@ -1,0 +1,697 @@
+"""The ``maskrcnn`` command line: predict, train, eval, weights, data and demo.
+
+Every command's ``--help`` lists each option with its default. Problems the user can fix (a missing file, a bad
+config key, an unknown class name, an unreadable checkpoint) print one ``error: ...`` line on stderr and exit
+with status 2; ``--debug`` shows the traceback instead. Results go to stdout, progress and logs to stderr.
+
+Heavy modules (torch and the model) are imported inside the commands, so a typo costs no model import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CLIError", "DEMO", "DemoSettings", "build_parser", "main"]
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+logger = logging.getLogger("maskrcnn.cli")
+
+
+class CLIError(Exception):
+    """A command-line problem the user can fix; printed as one ``error:`` line."""
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything the demo's result depends on, in one place (the CLI options default to these)."""
+
+    preset: str = "r18_fpn_demo"
+    train_images: int = 200
+    val_images: int = 50
+    train_seed: int = 1
+    val_seed: int = 2
+    # Side of the square synthetic images, in pixels.
+    image_size: int = 256
+    # None: the preset's solver.max_iter; otherwise the preset's schedule (steps, warmup) is scaled to it.
+    max_iter: int | None = None
+    # Minimum score of the detections drawn on the validation overlays.
+    overlay_score_threshold: float = 0.5
+
+
+DEMO = DemoSettings()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parser
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default (or "required"); help texts that state their default keep their wording."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required and action.option_strings:
+            return text + " (required)"
+        if "%(default)" in text or "(default:" in text or action.default is argparse.SUPPRESS:
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text + " (default: %(default)s)"
+        return text
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options every command takes."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error instead of one line")
+    return p
+
+
+def _add(sub: Any, name: str, help_text: str, description: str = "", epilog: str = "") -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_text, description=description or help_text, epilog=epilog or None,
+                          formatter_class=_HelpFormatter, parents=[_common()])
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def _add_device(p: argparse.ArgumentParser, default: str | None = "auto", help_default: str = "") -> None:
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=default,
+                   help="where to run: cpu, cuda, or auto (cuda when available)" + help_default)
+
+
+def _add_sizes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-size", type=_positive_int, default=None,
+                   help="resize the shorter image side to this many pixels (default: the model's config)")
+    p.add_argument("--max-size", type=_positive_int, default=None,
+                   help="cap the longer image side at this many pixels (default: the model's config)")
+
+
+def _add_overrides(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help=f"config overrides applied {what}, e.g. solver.max_iter=300 input.min_size_train=[640] "
+                        f"(default: none)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``maskrcnn`` argument parser with all its subcommands."""
+    from maskrcnn import __version__  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(
+        prog="maskrcnn", formatter_class=_HelpFormatter,
+        description="Mask R-CNN in pure PyTorch: predict, train, evaluate, manage weights and datasets.",
+        epilog="Run 'maskrcnn COMMAND --help' for the options of a command.")
+    parser.add_argument("--version", action="version", version=f"maskrcnn {__version__}")
+    parser.add_argument("--debug", dest="debug_global", action="store_true",
+                        help="show the full traceback of an error instead of one line")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # predict ----------------------------------------------------------------------------------------------------
+    p = _add(sub, "predict", "detect objects in images and write overlays, masks and COCO results",
+             epilog="examples:\n  maskrcnn predict --weights maskrcnn_resnet50_fpn photos/ --out preds/\n"
+                    "  maskrcnn predict --weights run/model_final 'data/**/*.jpg' --recursive --out preds/ "
+                    "--classes person,car --save-masks")
+    p.add_argument("--weights", required=True, metavar="NAME_OR_PATH",
+                   help="registry name (see 'maskrcnn weights list'), model folder, .safetensors or torchvision .pth")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="image files, folders or glob patterns")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for overlays, masks and JSON")
+    p.add_argument("--score-threshold", type=_fraction, default=0.5, help="keep detections scoring at least this")
+    p.add_argument("--classes", default=None, metavar="NAMES",
+                   help="comma-separated class names to keep, e.g. person,car (default: all classes)")
+    _add_device(p)
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass")
+    _add_sizes(p)
+    p.add_argument("--save-masks", action="store_true", help="also write one PNG per instance under OUT/masks/")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="where to write the COCO results JSON (default: OUT/predictions.json)")
+    p.add_argument("--recursive", action="store_true", help="search folders and ** patterns recursively")
+    p.set_defaults(func=cmd_predict)
+
+    # weights ----------------------------------------------------------------------------------------------------
+    pw = _add(sub, "weights", "list, download and convert checkpoints")
+    wsub = pw.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = _add(wsub, "list", "list the known pretrained weights")
+    p.add_argument("--json", action="store_true", help="print the registry as JSON instead of a table")
+    p.set_defaults(func=cmd_weights_list)
+    p = _add(wsub, "download", "download known weights into the cache and verify their checksum")
+    p.add_argument("name", metavar="NAME", help="registry name, see 'maskrcnn weights list'")
+    p.add_argument("--force", action="store_true", help="download again even when the file is cached")
+    p.set_defaults(func=cmd_weights_download)
+    p = _add(wsub, "convert", "convert a checkpoint (torchvision .pth, registry name, ...) to this library's format")
+    p.add_argument("src", metavar="SRC", help="checkpoint to read: .pth, model folder, .safetensors or registry name")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write model.safetensors and config.json to")
+    p.add_argument("--class-names", default=None, metavar="NAMES",
+                   help="comma-separated names of the K foreground classes to store (default: keep the source's)")
+    _add_sizes(p)
+    p.set_defaults(func=cmd_weights_convert)
+
+    # train ------------------------------------------------------------------------------------------------------
+    p = _add(sub, "train", "train a model on a COCO-format dataset",
+             description="Train on a COCO instances JSON. The config is the preset, then --config, then KEY=VALUE "
+                         "overrides; the classes come from the dataset.\nWrites OUT/config.yaml, "
+                         "OUT/metrics.jsonl, OUT/checkpoints/, OUT/loss_curves.png and OUT/model_final/.",
+             epilog="example:\n  maskrcnn train --data train.json --images imgs/ --out runs/a --preset r18_fpn_demo "
+                    "solver.max_iter=2000")
+    p.add_argument("--data", required=True, metavar="ANN.json", help="COCO instances JSON of the training set")
+    p.add_argument("--images", required=True, metavar="DIR", help="folder the JSON's file_name entries are under")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (config, logs, checkpoints, model)")
+    p.add_argument("--preset", default="torchvision_v1", help="config preset to start from")
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="YAML/JSON config applied over the preset (default: none)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in RUN_DIR")
+    p.add_argument("--val-data", default=None, metavar="ANN.json",
+                   help="COCO JSON of a validation set, evaluated at the end (default: no evaluation)")
+    p.add_argument("--val-images", default=None, metavar="DIR",
+                   help="image folder of the validation set (default: --images)")
+    p.add_argument("--weights", default=None, metavar="NAME_OR_PATH",
+                   help="checkpoint to initialise from; tensors whose shape differs (e.g. the class predictors) "
+                        "keep their fresh init (default: random init)")
+    _add_device(p, default=None, help_default=" (default: the config's train.device)")
+    _add_overrides(p, "after the preset and --config")
+    p.set_defaults(func=cmd_train)
+
+    # eval -------------------------------------------------------------------------------------------------------
+    p = _add(sub, "eval", "evaluate a model on a COCO-format dataset (box and mask AP)",
+             description="COCO box and mask AP of a model. Writes OUT/metrics.json (fractions in [0, 1]) and "
+                         "OUT/results.json (COCO results).")
+    p.add_argument("--weights", required=True, metavar="NAME_OR_PATH", help="checkpoint or registry name")
+    p.add_argument("--data", required=True, metavar="ANN.json", help="COCO instances JSON with the ground truth")
+    p.add_argument("--images", required=True, metavar="DIR", help="folder the JSON's file_name entries are under")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json and results.json")
+    _add_device(p)
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass")
+    _add_sizes(p)
+    p.add_argument("--per-class", action="store_true", help="also print the AP of each class")
+    _add_overrides(p, "to the checkpoint's config (test-time keys such as model.box_head.score_thresh)")
+    p.set_defaults(func=cmd_eval)
+
+    # data -------------------------------------------------------------------------------------------------------
+    pd = _add(sub, "data", "make and convert datasets")
+    dsub = pd.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = _add(dsub, "shapes", "generate a synthetic shapes dataset (squares, circles, triangles) in COCO format",
+             description="Writes OUT/images/*.png and OUT/annotations.json; use OUT as the image folder.")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--num-images", type=_positive_int, default=100, help="number of images")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
+    p.add_argument("--image-size", type=_positive_int, nargs=2, default=[256, 256], metavar=("H", "W"),
+                   help="image height and width in pixels")
+    p.add_argument("--max-objects", type=_positive_int, default=4, help="most objects per image")
+    p.set_defaults(func=cmd_data_shapes)
+    p = _add(dsub, "from-labelme", "convert a folder of labelme JSON files to one COCO instances JSON")
+    p.add_argument("src_dir", metavar="SRC_DIR", help="folder of labelme .json files (searched recursively)")
+    p.add_argument("out_json", metavar="OUT.json", help="COCO JSON to write")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="labels.txt fixing the class list and order (default: SRC_DIR/labels.txt if present, "
+                        "else labels in order of appearance)")
+    p.set_defaults(func=cmd_data_labelme)
+    p = _add(dsub, "from-yolo", "convert a YOLO-segmentation folder to one COCO instances JSON")
+    p.add_argument("src_dir", metavar="SRC_DIR", help="folder with images/ and labels/ (or .txt beside each image)")
+    p.add_argument("out_json", metavar="OUT.json", help="COCO JSON to write")
+    p.add_argument("--names", required=True, metavar="FILE",
+                   help="class names, one per line, or an ultralytics data YAML with 'names'")
+    p.set_defaults(func=cmd_data_yolo)
+
+    # demo -------------------------------------------------------------------------------------------------------
+    p = _add(sub, "demo", "train and evaluate a small model on synthetic shapes, end to end on a CPU",
+             description="Generates train and validation shapes datasets under OUT/data, trains the "
+                         f"{DEMO.preset} preset, evaluates it and writes OUT/metrics.json, OUT/loss_curves.png, "
+                         "OUT/model_final/ and overlays of the validation predictions in OUT/val_predictions/.")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--train-images", type=_positive_int, default=DEMO.train_images, help="training images")
+    p.add_argument("--val-images", type=_positive_int, default=DEMO.val_images, help="validation images")
+    p.add_argument("--image-size", type=_positive_int, default=DEMO.image_size, help="side of the square images")
+    p.add_argument("--max-iter", type=_positive_int, default=DEMO.max_iter,
+                   help="training iterations; the schedule is scaled to it (default: the preset's solver.max_iter)")
+    _add_device(p, default=None, help_default=" (default: the preset's train.device)")
+    _add_overrides(p, f"to the {DEMO.preset} preset after --max-iter")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``maskrcnn`` command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version and usage errors: argparse has printed its message already
+        return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_ERROR)
+    debug = bool(getattr(args, "debug", False) or getattr(args, "debug_global", False))
+    _setup_logging()
+    try:
+        return int(args.func(args) or EXIT_OK)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - only the user-facing kinds below are turned into one line
+        if debug or not _is_user_error(e):
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """True for errors whose message tells the user what to fix (config, weights, data, files, devices)."""
+    from maskrcnn.hub import HubError  # noqa: PLC0415
+
+    # ConfigError, WeightsError, DatasetError, ImageReadError and AnnotationImportError are ValueErrors;
+    # FileNotFoundError and PermissionError are OSErrors; a non-finite training loss is a FloatingPointError.
+    return isinstance(exc, (CLIError, HubError, ValueError, OSError, FloatingPointError))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in text:
+        text = f"{exc.filename}: {text}"
+    return text or type(exc).__name__
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is now (tests swap it between calls)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        """The current ``sys.stderr``."""
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _setup_logging() -> None:
+    """Show the package's INFO logs (training progress) on stderr, once per process."""
+    root = logging.getLogger("maskrcnn")
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    if root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+
+
+def _check_device(device: str | None) -> None:
+    if device == "cuda":
+        import torch  # noqa: PLC0415
+
+        if not torch.cuda.is_available():
+            raise CLIError("--device cuda was requested but CUDA is not available on this machine; "
+                           "use --device cpu or auto")
+
+
+def _split_names(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    return names or None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# predict
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``maskrcnn predict``: detect objects in images, write overlays (+ masks) and a COCO results JSON."""
+    from maskrcnn.predict import Predictor, expand_sources  # noqa: PLC0415
+    from maskrcnn.weights import load_model  # noqa: PLC0415
+
+    _check_device(args.device)
+    # Finding the files first avoids loading a model for a run that has nothing to do.
+    paths, problems = expand_sources(args.sources, args.recursive)
+    if not paths:
+        details = "; ".join(f"{s}: {why}" for s, why in problems)
+        raise CLIError(f"no images found ({details})")
+    model = load_model(args.weights, min_size=args.min_size, max_size=args.max_size, device=args.device)
+    predictor = Predictor(model, score_threshold=args.score_threshold, classes=_split_names(args.classes),
+                          batch_size=args.batch_size, save_masks=args.save_masks)
+    summary = predictor.run(args.sources, args.out, json_path=args.json, recursive=args.recursive)
+    print(summary.format())
+    if summary.images == 0:
+        raise CLIError(f"none of the {summary.skipped} inputs could be read (see the messages above)")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# weights
+
+
+def cmd_weights_list(args: argparse.Namespace) -> int:
+    """``maskrcnn weights list``: the registry as a table or JSON."""
+    from maskrcnn import hub  # noqa: PLC0415
+
+    rows = hub.registry_as_json()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    header = ["name", "preset", "classes", "box AP", "mask AP", "cached", "description"]
+    table = [[r["name"], r["preset"], str(r["num_classes"]),
+              "-" if r["box_ap"] is None else f"{r['box_ap']:.1f}",
+              "-" if r["mask_ap"] is None else f"{r['mask_ap']:.1f}",
+              "yes" if r["cached"] else "no", r["description"]] for r in rows]
+    print(_text_table(header, table))
+    print(f"\ncache: {hub.weights_dir()}")
+    return EXIT_OK
+
+
+def _text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_weights_download(args: argparse.Namespace) -> int:
+    """``maskrcnn weights download``: fetch and verify registry weights; prints the cached path."""
+    from maskrcnn import hub  # noqa: PLC0415
+
+    print(hub.download(args.name, force=args.force))
+    return EXIT_OK
+
+
+def cmd_weights_convert(args: argparse.Namespace) -> int:
+    """``maskrcnn weights convert``: read any supported checkpoint and save it in this library's format."""
+    from maskrcnn.weights import load_model  # noqa: PLC0415
+
+    model = load_model(args.src, min_size=args.min_size, max_size=args.max_size)
+    names = _split_names(args.class_names)
+    if names is not None:
+        k = int(model.cfg.model.num_classes)
+        if len(names) != k:
+            raise CLIError(f"--class-names gives {len(names)} names but the model has {k} foreground classes")
+        # Names are metadata only (results and the config); nothing in the network depends on them.
+        model.cfg = dataclasses.replace(model.cfg, model=dataclasses.replace(model.cfg.model, class_names=tuple(names)))
+    out = model.save(args.out_dir)
+    print(f"wrote {out} ({model.cfg.name}, {model.cfg.model.num_classes} classes)")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train
+
+
+def _build_train_config(preset: str, config_file: str | None, overrides: Sequence[str], device: str | None) -> Any:
+    """Preset, then the config file, then the overrides, then --device."""
+    from maskrcnn.config import apply_overrides, get_preset, load_config  # noqa: PLC0415
+
+    cfg = get_preset(preset)
+    if config_file is not None:
+        cfg = load_config(config_file, base=cfg)
+    cfg = apply_overrides(cfg, list(overrides))
+    if device is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
+    return cfg
+
+
+def _with_dataset_classes(cfg: Any, dataset: Any) -> Any:
+    """``cfg`` with model.num_classes / class_names / category_ids taken from ``dataset``."""
+    model = dataclasses.replace(cfg.model, num_classes=dataset.num_classes, class_names=tuple(dataset.class_names),
+                                category_ids=tuple(int(c) for c in dataset.category_ids))
+    return dataclasses.replace(cfg, model=model)
+
+
+def _init_from(model: Any, source: str) -> None:
+    """Copy every tensor of checkpoint ``source`` whose name and shape match ``model``'s."""
+    from maskrcnn.weights import WeightsError, load_model  # noqa: PLC0415
+
+    src_state = load_model(source).state_dict()
+    own = model.state_dict()
+    matched = {k: v for k, v in src_state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    if not matched:
+        raise WeightsError(f"{source}: none of its tensors fit this model (different architecture?)")
+    skipped = sorted(k for k in own if k not in matched and not k.endswith("num_batches_tracked"))
+    model.load_state_dict(matched, strict=False)
+    logger.info("initialised %d of %d tensors from %s%s", len(matched), len(own), source,
+                f"; fresh: {', '.join(skipped[:6])}{' ...' if len(skipped) > 6 else ''}" if skipped else "")
+
+
+def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float | None]:
+    """{"bbox": {"AP": x}} -> {"bbox_AP": x}; nan -> None so metrics.jsonl stays strict JSON."""
+    out: dict[str, float | None] = {}
+    for t in ("bbox", "segm"):
+        for k, v in (metrics.get(t) or {}).items():
+            out[f"{t}_{k}"] = None if isinstance(v, float) and math.isnan(v) else v
+    return out
+
+
+def run_training(cfg: Any, data: str | Path, images: str | Path, out_dir: str | Path,
+                 val_data: str | Path | None = None, val_images: str | Path | None = None,
+                 init_weights: str | None = None, resume: bool = False) -> tuple[Any, dict[str, Any] | None]:
+    """Train ``cfg`` (classes taken from the dataset) into ``out_dir``; returns (model, last eval metrics or None).
+
+    Writes config.yaml, metrics.jsonl, checkpoints/, loss_curves.png, model_final/ and, with validation data,
+    eval/metrics.json and eval/results.json.
+    """
+    from maskrcnn.data import CocoDataset, build_transforms  # noqa: PLC0415
+    from maskrcnn.engine.evaluator import Evaluator  # noqa: PLC0415
+    from maskrcnn.engine.trainer import Trainer  # noqa: PLC0415
+    from maskrcnn.modeling.mask_rcnn import MaskRCNN  # noqa: PLC0415
+
+    for path, what in ((data, "training annotations"), (images, "training image folder"),
+                       (val_data, "validation annotations"), (val_images, "validation image folder")):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{path}: {what} not found")
+    out_dir = Path(out_dir)
+    train_ds = CocoDataset(data, images, transforms=build_transforms(cfg, train=True),
+                           filter_empty=cfg.train.filter_empty, seed=cfg.train.seed)
+    if len(train_ds) == 0:
+        raise CLIError(f"{data}: no training images with usable annotations")
+    cfg = _with_dataset_classes(cfg, train_ds)
+    model = MaskRCNN(cfg)
+    if init_weights is not None:
+        _init_from(model, init_weights)
+
+    eval_fn = None
+    last: dict[str, Any] = {}
+    if val_data is not None:
+        # The validation labels must mean what the training labels mean.
+        val_ds = CocoDataset(val_data, val_images or images, filter_empty=False, category_ids=train_ds.category_ids)
+
+        def eval_fn(m: Any, iteration: int) -> dict[str, Any]:
+            ev = Evaluator.from_dataset(val_ds, progress=False, out_dir=out_dir / "eval")
+            last["metrics"] = ev.evaluate(m)
+            return _flat_metrics(last["metrics"])
+
+    trainer = Trainer(model, cfg, train_ds, out_dir, eval_fn=eval_fn)
+    result = trainer.train(resume=resume)
+    final = trainer.model.save(out_dir / "model_final")
+    losses = result.get("losses") or {}
+    logger.info("finished at iteration %d, total_loss %s; model saved to %s", result.get("iteration", 0),
+                f"{losses['total_loss']:.4f}" if "total_loss" in losses else "-", final)
+    return trainer.model, last.get("metrics")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``maskrcnn train``: train on a COCO dataset; writes the run folder and model_final/."""
+    from maskrcnn.engine.evaluator import format_metrics_table  # noqa: PLC0415
+
+    _check_device(args.device)
+    if args.val_images is not None and args.val_data is None:
+        raise CLIError("--val-images needs --val-data")
+    cfg = _build_train_config(args.preset, args.config, args.overrides, args.device)
+    _, metrics = run_training(cfg, args.data, args.images, args.out, val_data=args.val_data,
+                              val_images=args.val_images, init_weights=args.weights, resume=args.resume)
+    print(f"model: {Path(args.out) / 'model_final'}")
+    if metrics is not None:
+        print(format_metrics_table(metrics))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eval
+
+
+def _apply_model_overrides(model: Any, overrides: Sequence[str]) -> Any:
+    """``model`` rebuilt with config overrides (test-time keys); its weights are kept."""
+    from maskrcnn.config import ConfigError, apply_overrides  # noqa: PLC0415
+    from maskrcnn.modeling.mask_rcnn import MaskRCNN  # noqa: PLC0415
+
+    if not overrides:
+        return model
+    cfg = apply_overrides(model.cfg, list(overrides))
+    new = MaskRCNN(cfg)
+    try:
+        new.load_state_dict(model.state_dict())
+    except RuntimeError as e:
+        raise ConfigError(f"the overrides {' '.join(overrides)} change the network's shape, so the checkpoint "
+                          f"no longer fits: {str(e).splitlines()[0]}") from e
+    return new.to(model.device).eval()
+
+
+def _label_category_ids(model: Any, dataset: Any) -> list[int]:
+    """Dataset category id of each model label: the model's own table, else positional, else identity."""
+    m = model.cfg.model
+    if m.category_ids:
+        return [int(c) for c in m.category_ids]
+    if int(m.num_classes) == dataset.num_classes:
+        return [int(c) for c in dataset.category_ids]
+    # e.g. torchvision's COCO checkpoints: 90 classes whose label is the COCO category id.
+    return list(range(1, int(m.num_classes) + 1))
+
+
+def evaluate_to(model: Any, data: str | Path, images: str | Path, out_dir: str | Path, batch_size: int = 1,
+                progress: bool = True) -> dict[str, Any]:
+    """Evaluate ``model`` on a COCO dataset; writes out_dir/metrics.json and results.json; returns the metrics."""
+    from maskrcnn.data import CocoDataset  # noqa: PLC0415
+    from maskrcnn.engine.evaluator import Evaluator  # noqa: PLC0415
+
+    for path, what in ((data, "annotations"), (images, "image folder")):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path}: {what} not found")
+    dataset = CocoDataset(data, images, filter_empty=False)
+    ev = Evaluator.from_dataset(dataset, category_ids=_label_category_ids(model, dataset), batch_size=batch_size,
+                                progress=progress, out_dir=out_dir)
+    return ev.evaluate(model)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``maskrcnn eval``: COCO box/mask AP; writes OUT/metrics.json and OUT/results.json, prints the table."""
+    from maskrcnn.engine.evaluator import format_metrics_table, format_per_class_table  # noqa: PLC0415
+    from maskrcnn.weights import load_model  # noqa: PLC0415
+
+    _check_device(args.device)
+    model = load_model(args.weights, min_size=args.min_size, max_size=args.max_size, device=args.device)
+    model = _apply_model_overrides(model, args.overrides)
+    metrics = evaluate_to(model, args.data, args.images, args.out, batch_size=args.batch_size)
+    print(format_metrics_table(metrics))
+    if args.per_class:
+        print()
+        print(format_per_class_table(metrics))
+    print(f"\nmetrics: {Path(args.out) / 'metrics.json'}\nresults: {Path(args.out) / 'results.json'}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+
+
+def cmd_data_shapes(args: argparse.Namespace) -> int:
+    """``maskrcnn data shapes``: write a synthetic shapes dataset."""
+    from maskrcnn.data.shapes import generate_shapes  # noqa: PLC0415
+
+    ann = generate_shapes(args.out, args.num_images, seed=args.seed, image_size=tuple(args.image_size),
+                          max_objects=args.max_objects)
+    print(f"wrote {args.num_images} images to {Path(args.out) / 'images'} and annotations to {ann}\n"
+          f"(train with --data {ann} --images {args.out})")
+    return EXIT_OK
+
+
+def _print_import_counts(counts: dict[str, Any], out_json: str) -> None:
+    print(f"wrote {out_json}: {counts.get('images', 0)} images, {counts.get('annotations', 0)} annotations, "
+          f"{counts.get('categories', 0)} categories")
+    for why, n in (counts.get("skipped") or {}).items():
+        print(f"skipped {n} {why}")
+    if counts.get("image_dir"):
+        print(f"(use --images {counts['image_dir']})")
+
+
+def cmd_data_labelme(args: argparse.Namespace) -> int:
+    """``maskrcnn data from-labelme``: labelme folder -> COCO JSON."""
+    from maskrcnn.data.importers import labelme_to_coco  # noqa: PLC0415
+
+    _print_import_counts(labelme_to_coco(args.src_dir, args.out_json, labels_file=args.labels), args.out_json)
+    return EXIT_OK
+
+
+def cmd_data_yolo(args: argparse.Namespace) -> int:
+    """``maskrcnn data from-yolo``: YOLO-segmentation folder -> COCO JSON."""
+    from maskrcnn.data.importers import yolo_to_coco  # noqa: PLC0415
+
+    _print_import_counts(yolo_to_coco(args.src_dir, args.out_json, args.names), args.out_json)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# demo
+
+
+def _scale_schedule(cfg: Any, max_iter: int) -> Any:
+    """``cfg`` with solver.max_iter set and its steps, warmup and checkpoint period scaled to match."""
+    solver = cfg.solver
+    factor = max_iter / max(int(solver.max_iter), 1)
+    steps = tuple(max(1, round(s * factor)) for s in solver.steps)
+    warmup = min(int(solver.warmup_iters), max(1, round(solver.warmup_iters * factor)))
+    period = max(1, round(cfg.train.checkpoint_period * factor))
+    return dataclasses.replace(cfg, solver=dataclasses.replace(solver, max_iter=max_iter, steps=steps,
+                                                              warmup_iters=warmup),
+                               train=dataclasses.replace(cfg.train, checkpoint_period=period))
+
+
+def run_demo(out_dir: str | Path, settings: DemoSettings = DEMO, overrides: Sequence[str] = (),
+             device: str | None = None) -> dict[str, Any]:
+    """Shapes data -> train ``settings.preset`` -> evaluate -> overlays; returns the validation metrics."""
+    from maskrcnn.config import apply_overrides, get_preset  # noqa: PLC0415
+    from maskrcnn.data.shapes import generate_shapes  # noqa: PLC0415
+    from maskrcnn.predict import Predictor  # noqa: PLC0415
+
+    out_dir = Path(out_dir)
+    size = (settings.image_size, settings.image_size)
+    train_dir, val_dir = out_dir / "data" / "train", out_dir / "data" / "val"
+    logger.info("generating %d training and %d validation images under %s", settings.train_images,
+                settings.val_images, out_dir / "data")
+    train_ann = generate_shapes(train_dir, settings.train_images, seed=settings.train_seed, image_size=size)
+    val_ann = generate_shapes(val_dir, settings.val_images, seed=settings.val_seed, image_size=size)
+
+    cfg = get_preset(settings.preset)
+    if settings.max_iter is not None:
+        cfg = _scale_schedule(cfg, settings.max_iter)
+    cfg = apply_overrides(cfg, list(overrides))
+    if device is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
+    model, _ = run_training(cfg, train_ann, train_dir, out_dir)
+    model.eval()
+    metrics = evaluate_to(model, val_ann, val_dir, out_dir, progress=False)
+    predictor = Predictor(model, score_threshold=settings.overlay_score_threshold, progress=False)
+    predictor.run([val_dir / "images"], out_dir / "val_predictions")
+    return metrics
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``maskrcnn demo``: the whole pipeline on synthetic shapes; prints the AP table."""
+    from maskrcnn.engine.evaluator import format_metrics_table  # noqa: PLC0415
+
+    _check_device(args.device)
+    settings = dataclasses.replace(DEMO, train_images=args.train_images, val_images=args.val_images,
+                                   image_size=args.image_size, max_iter=args.max_iter)
+    metrics = run_demo(args.out, settings, args.overrides, args.device)
+    out = Path(args.out)
+    print(format_metrics_table(metrics))
+    print(f"\nmetrics: {out / 'metrics.json'}\nloss curves: {out / 'loss_curves.png'}\n"
+          f"model: {out / 'model_final'}\nval overlays: {out / 'val_predictions'}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover - ``python -m maskrcnn`` goes through __main__.py
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""ResNet/ResNeXt bodies: torchvision's layout (parameter counts), norms, stage freezing, FPN shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from maskrcnn.config import BackboneConfig, FPNConfig
+from maskrcnn.modeling.backbone import FrozenBatchNorm2d, ResNet
+from maskrcnn.modeling.fpn import BackboneWithFPN
+
+# Parameter counts of torchvision's classification models minus their final fc layer.
+TORCHVISION_PARAMS = {
+    (18, 1, 64): 11_689_512 - 513_000,
+    (34, 1, 64): 21_797_672 - 513_000,
+    (50, 1, 64): 25_557_032 - 2_049_000,
+    (101, 1, 64): 44_549_160 - 2_049_000,
+    (101, 32, 8): 88_791_336 - 2_049_000,
+}
+
+
+@pytest.mark.parametrize("key", sorted(TORCHVISION_PARAMS))
+def test_parameter_counts_match_torchvision(key: tuple[int, int, int]) -> None:
+    depth, groups, width = key
+    body = ResNet(BackboneConfig(depth=depth, groups=groups, width_per_group=width, norm="bn", trainable_layers=5))
+    assert sum(p.numel() for p in body.parameters()) == TORCHVISION_PARAMS[key]
+
+
+def test_frozen_bn_matches_batchnorm_eval() -> None:
+    bn = torch.nn.BatchNorm2d(8, eps=1e-3).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    frozen = FrozenBatchNorm2d(8, eps=1e-3)
+    frozen.load_state_dict(bn.state_dict())  # num_batches_tracked is dropped
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(frozen(x), bn(x), atol=1e-5, rtol=1e-5)
+
+
+def test_stage_freezing_counts_from_the_top() -> None:
+    body = ResNet(BackboneConfig(depth=18, trainable_layers=2))
+    trainable = {n.split(".")[0] for n, p in body.named_parameters() if p.requires_grad}
+    assert trainable == {"layer3", "layer4"}
+    assert all(not p.requires_grad for p in ResNet(BackboneConfig(depth=18, trainable_layers=0)).parameters())
+    with pytest.raises(ValueError):
+        ResNet(BackboneConfig(depth=18, trainable_layers=6))
+
+
+@pytest.mark.parametrize("norm", ["frozen_bn", "bn", "gn"])
+def test_fpn_outputs_five_levels(norm: str) -> None:
+    net = BackboneWithFPN(BackboneConfig(depth=18, norm=norm), FPNConfig(out_channels=32, norm="none"))
+    feats = net(torch.randn(1, 3, 128, 96))
+    assert list(feats) == ["0", "1", "2", "3", "pool"]
+    assert [tuple(f.shape[-2:]) for f in feats.values()] == [(32, 24), (16, 12), (8, 6), (4, 3), (2, 2)]
+    assert all(f.shape[1] == 32 for f in feats.values())
+
+
+def test_unsupported_depth_and_layout() -> None:
+    with pytest.raises(ValueError, match="depth"):
+        ResNet(BackboneConfig(depth=42))
+    with pytest.raises(NotImplementedError, match="c4"):
+        BackboneWithFPN(BackboneConfig(depth=18, layout="c4"), FPNConfig())

@@ -1,0 +1,78 @@
+"""Checkpoint loading: torchvision state dicts (v1/v2), our safetensors format, overrides and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import maskrcnn
+from maskrcnn.config import ConfigError, get_preset
+from maskrcnn.modeling.mask_rcnn import MaskRCNN
+from maskrcnn.weights import WeightsError, config_for_torchvision, detect_torchvision_variant
+
+
+@pytest.fixture(scope="module")
+def v1_path(fixtures_dir: Path) -> Path:
+    return fixtures_dir / "torchvision" / "maskrcnn_r50_fpn_v1" / "weights.pth"
+
+
+def test_torchvision_v1_is_recognised(v1_path: Path) -> None:
+    state = torch.load(v1_path, weights_only=True)
+    assert detect_torchvision_variant(state) == "torchvision_v1"
+    cfg = config_for_torchvision(state)
+    assert cfg.model.num_classes == 3 and cfg.model.backbone.norm_eps == 0.0
+    model = maskrcnn.load_model(v1_path)
+    p = next(model.parameters())
+    assert p.dtype == torch.float32  # float16 on disk
+    assert not model.training
+
+
+def test_v2_keys_are_recognised() -> None:
+    state = MaskRCNN(get_preset("torchvision_v2")).state_dict()
+    assert detect_torchvision_variant(state) == "torchvision_v2"
+    # torchvision's published v2 checkpoint carries BatchNorm counters; ours keeps them too.
+    assert any(k.endswith("num_batches_tracked") for k in state)
+
+
+def test_save_and_reload_round_trip(v1_path: Path, tmp_path: Path) -> None:
+    model = maskrcnn.load_model(v1_path, min_size=320, max_size=512, score_threshold=0.3, detections_per_img=7)
+    assert model.cfg.model.box_head.score_thresh == 0.3 and model.min_size_test == 320
+    out = model.save(tmp_path / "m")
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    again = maskrcnn.load_model(out)
+    assert again.cfg == model.cfg
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    also = maskrcnn.load_model(out / "model.safetensors", nms_threshold=0.4)
+    assert also.cfg.model.box_head.nms_thresh == 0.4
+
+
+def test_missing_and_unexpected_keys_are_listed(v1_path: Path, tmp_path: Path) -> None:
+    state = torch.load(v1_path, weights_only=True)
+    state.pop("rpn.head.cls_logits.bias")
+    state["roi_heads.extra.weight"] = torch.zeros(1)
+    bad = tmp_path / "bad.pth"
+    torch.save(state, bad)
+    with pytest.raises(WeightsError) as e:
+        maskrcnn.load_model(bad)
+    msg = str(e.value)
+    assert "rpn.head.cls_logits.bias" in msg and "roi_heads.extra.weight" in msg and str(bad) in msg
+
+
+def test_bad_files_and_options(tmp_path: Path, v1_path: Path) -> None:
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="junk.pth"):
+        maskrcnn.load_model(junk)
+    other = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, other)
+    with pytest.raises(WeightsError, match="other.pth"):
+        maskrcnn.load_model(other)
+    with pytest.raises(ConfigError, match="unknown load_model options: colour"):
+        maskrcnn.load_model(v1_path, colour="red")
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    with pytest.raises(WeightsError, match="no model.safetensors"):
+        maskrcnn.load_model(empty_dir)
