@@ -29,18 +29,16 @@ def _sample(h: int = 30, w: int = 40, seed: int = 0) -> tuple[torch.Tensor, dict
 
 
 def _torchvision_resize(image: torch.Tensor, min_size: float, max_size: float) -> torch.Tensor:
-    """torchvision's _resize_image_and_masks image path, written out (float image)."""
-    im_shape = torch.tensor(image.shape[-2:])
-    short = torch.min(im_shape).to(dtype=torch.float32)
-    long = torch.max(im_shape).to(dtype=torch.float32)
-    scale = torch.min(min_size / short, max_size / long).item()
+    """torchvision's _resize_image_and_masks image path in eager mode, written out (float image)."""
+    im_shape = image.shape[-2:]
+    scale = min(min_size / min(im_shape), max_size / max(im_shape))
     return F.interpolate(image[None], size=None, scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
                          align_corners=False)[0]
 
 
 @pytest.mark.parametrize("h, w, min_size, max_size", [
     (30, 40, 64, 100), (40, 30, 64, 100), (21, 100, 64, 200), (100, 21, 64, 200), (375, 500, 800, 1333),
-    (200, 1000, 800, 1333), (33, 33, 16, 1000),
+    (200, 1000, 800, 1333), (33, 33, 16, 1000), (400, 400, 320, 512),
 ])
 def test_resize_matches_torchvision(h, w, min_size, max_size):
     t = ResizeShortestEdge((min_size,), max_size)

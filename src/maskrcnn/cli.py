@@ -115,15 +115,16 @@ def _add_sizes(p: argparse.ArgumentParser) -> None:
                    help="cap the longer image side at this many pixels (default: the model's config)")
 
 
-def _add_overrides(p: argparse.ArgumentParser, what: str) -> None:
+def _add_overrides(p: argparse.ArgumentParser, what: str,
+                   example: str = "solver.max_iter=300 input.min_size_train=[640]") -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help=f"config overrides applied {what}, e.g. solver.max_iter=300 input.min_size_train=[640] "
-                        f"(default: none)")
+                   help=f"config overrides applied {what}, e.g. {example} (default: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``maskrcnn`` argument parser with all its subcommands."""
     from maskrcnn import __version__  # noqa: PLC0415
+    from maskrcnn.config import PRESETS  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(
         prog="maskrcnn", formatter_class=_HelpFormatter,
@@ -183,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="ANN.json", help="COCO instances JSON of the training set")
     p.add_argument("--images", required=True, metavar="DIR", help="folder the JSON's file_name entries are under")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (config, logs, checkpoints, model)")
-    p.add_argument("--preset", default="torchvision_v1", help="config preset to start from")
+    p.add_argument("--preset", default="torchvision_v1", choices=sorted(PRESETS), help="config preset to start from")
     p.add_argument("--config", default=None, metavar="FILE.yaml",
                    help="YAML/JSON config applied over the preset (default: none)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in RUN_DIR")
@@ -210,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass")
     _add_sizes(p)
     p.add_argument("--per-class", action="store_true", help="also print the AP of each class")
-    _add_overrides(p, "to the checkpoint's config (test-time keys such as model.box_head.score_thresh)")
+    _add_overrides(p, "to the checkpoint's config (test-time keys)",
+                   example="model.box_head.score_thresh=0.01 model.box_head.detections_per_img=50")
     p.set_defaults(func=cmd_eval)
 
     # data -------------------------------------------------------------------------------------------------------
@@ -309,7 +311,7 @@ class _StderrHandler(logging.StreamHandler):
 
     @stream.setter
     def stream(self, value: Any) -> None:
-        pass
+        """Ignored: the stream is always the current ``sys.stderr``."""
 
 
 def _setup_logging() -> None:
@@ -446,7 +448,14 @@ def _init_from(model: Any, source: str) -> None:
     """Copy every tensor of checkpoint ``source`` whose name and shape match ``model``'s."""
     from maskrcnn.weights import WeightsError, load_model  # noqa: PLC0415
 
-    src_state = load_model(source).state_dict()
+    src = load_model(source)
+    have, want = src.cfg.model.backbone, model.cfg.model.backbone
+    if (have.depth, have.layout, have.groups) != (want.depth, want.layout, want.groups):
+        # Same-shaped tensors of a different network would load "successfully" and mean nothing.
+        raise WeightsError(f"{source}: its backbone (depth {have.depth}, {have.layout}, groups {have.groups}) differs "
+                           f"from the config's (depth {want.depth}, {want.layout}, groups {want.groups}); choose a "
+                           f"--preset or model.backbone.* overrides that match the checkpoint")
+    src_state = src.state_dict()
     own = model.state_dict()
     matched = {k: v for k, v in src_state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
     if not matched:
@@ -500,6 +509,7 @@ def run_training(cfg: Any, data: str | Path, images: str | Path, out_dir: str | 
         val_ds = CocoDataset(val_data, val_images or images, filter_empty=False, category_ids=train_ds.category_ids)
 
         def eval_fn(m: Any, iteration: int) -> dict[str, Any]:
+            """COCO AP on the validation set, flattened for metrics.jsonl; also writes out_dir/eval/."""
             ev = Evaluator.from_dataset(val_ds, progress=False, out_dir=out_dir / "eval")
             last["metrics"] = ev.evaluate(m)
             return _flat_metrics(last["metrics"])
@@ -562,8 +572,11 @@ def _label_category_ids(model: Any, dataset: Any) -> list[int]:
 
 
 def evaluate_to(model: Any, data: str | Path, images: str | Path, out_dir: str | Path, batch_size: int = 1,
-                progress: bool = True) -> dict[str, Any]:
-    """Evaluate ``model`` on a COCO dataset; writes out_dir/metrics.json and results.json; returns the metrics."""
+                progress: bool | None = None) -> dict[str, Any]:
+    """Evaluate ``model`` on a COCO dataset; writes out_dir/metrics.json and results.json; returns the metrics.
+
+    ``progress`` None shows a bar only when stderr is a terminal.
+    """
     from maskrcnn.data import CocoDataset  # noqa: PLC0415
     from maskrcnn.engine.evaluator import Evaluator  # noqa: PLC0415
 
@@ -571,6 +584,8 @@ def evaluate_to(model: Any, data: str | Path, images: str | Path, out_dir: str |
         if not Path(path).exists():
             raise FileNotFoundError(f"{path}: {what} not found")
     dataset = CocoDataset(data, images, filter_empty=False)
+    if progress is None:
+        progress = sys.stderr.isatty()  # a bar redrawn into a log file is noise
     ev = Evaluator.from_dataset(dataset, category_ids=_label_category_ids(model, dataset), batch_size=batch_size,
                                 progress=progress, out_dir=out_dir)
     return ev.evaluate(model)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from maskrcnn.ops.resize import resized_size
 from maskrcnn.config import Config
 
 Target = dict[str, Any]
@@ -101,12 +102,7 @@ class ResizeShortestEdge:
 
     def output_size(self, height: int, width: int, min_size: int) -> tuple[int, int]:
         """(H', W') of an (height, width) image for short side ``min_size``, computed as torchvision computes it."""
-        # float32 scale then floor(dim * scale): torchvision's _resize_image_and_masks with recompute_scale_factor.
-        shape = torch.tensor([height, width])
-        short = torch.min(shape).to(torch.float32)
-        long = torch.max(shape).to(torch.float32)
-        scale = torch.min(float(min_size) / short, float(self.max_size) / long).item()
-        return max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
+        return resized_size(height, width, min_size, self.max_size)
 
     def __call__(self, image: torch.Tensor, target: Target, generator: torch.Generator | None = None
                  ) -> tuple[torch.Tensor, Target]:

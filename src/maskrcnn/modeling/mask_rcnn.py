@@ -21,6 +21,7 @@ from maskrcnn.modeling.fpn import BackboneWithFPN
 from maskrcnn.modeling.roi_heads import RoIHeads
 from maskrcnn.modeling.rpn import RegionProposalNetwork
 from maskrcnn.ops.masks import paste_masks
+from maskrcnn.ops.resize import resize_scale
 from maskrcnn.structures import Result
 
 ImageInput = Union[str, Path, np.ndarray, Tensor]
@@ -62,15 +63,6 @@ def to_chw_float(image: ImageInput) -> Tensor:
     if t.is_floating_point():
         return t.to(torch.float32)
     raise TypeError(f"unsupported image dtype {t.dtype}; expected uint8 or floating point")
-
-
-def resize_scale(height: int, width: int, min_size: float, max_size: float) -> float:
-    """Scale factor bringing the short side to ``min_size`` unless the long side would pass ``max_size``.
-
-    Computed with Python floats (double precision), as torchvision does in eager mode, so the resized size
-    agrees to the pixel (a float32 division can land just under a whole size and lose a row).
-    """
-    return min(float(min_size) / min(height, width), float(max_size) / max(height, width))
 
 
 def resize_image(image: Tensor, min_size: float, max_size: float) -> Tensor:
