@@ -108,6 +108,13 @@ def _add_device(p: argparse.ArgumentParser, default: str | None = "auto", help_d
                    help="where to run: cpu, cuda, or auto (cuda when available)" + help_default)
 
 
+def _add_devices(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--devices", type=_positive_int, default=1, metavar="N",
+                   help="processes to start on this machine, one per GPU (gloo processes on CPU), through "
+                        "torchrun's launcher; ignored inside a torchrun worker (for several machines run torchrun "
+                        "yourself, see docs/distributed.md)")
+
+
 def _add_sizes(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-size", type=_positive_int, default=None,
                    help="resize the shorter image side to this many pixels (default: the model's config)")
@@ -196,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint to initialise from; tensors whose shape differs (e.g. the class predictors) "
                         "keep their fresh init (default: random init)")
     _add_device(p, default=None, help_default=" (default: the config's train.device)")
+    _add_devices(p)
     _add_overrides(p, "after the preset and --config")
     p.set_defaults(func=cmd_train)
 
@@ -208,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, metavar="DIR", help="folder the JSON's file_name entries are under")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json and results.json")
     _add_device(p)
+    _add_devices(p)
     p.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass")
     _add_sizes(p)
     p.add_argument("--per-class", action="store_true", help="also print the AP of each class")
@@ -269,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version and usage errors: argparse has printed its message already
         return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_ERROR)
+    # --devices N starts torchrun workers that run this same command line.
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     debug = bool(getattr(args, "debug", False) or getattr(args, "debug_global", False))
     _setup_logging()
     try:
@@ -287,11 +298,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _is_user_error(exc: BaseException) -> bool:
     """True for errors whose message tells the user what to fix (config, weights, data, files, devices)."""
+    from maskrcnn.engine.dist import RankFailureError  # noqa: PLC0415
     from maskrcnn.hub import HubError  # noqa: PLC0415
 
     # ConfigError, WeightsError, DatasetError, ImageReadError and AnnotationImportError are ValueErrors;
-    # FileNotFoundError and PermissionError are OSErrors; a non-finite training loss is a FloatingPointError.
-    return isinstance(exc, (CLIError, HubError, ValueError, OSError, FloatingPointError))
+    # FileNotFoundError and PermissionError are OSErrors; a non-finite training loss is a FloatingPointError;
+    # RankFailureError says which rank stopped waiting for a dead or stalled peer.
+    return isinstance(exc, (CLIError, HubError, ValueError, OSError, FloatingPointError, RankFailureError))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -516,6 +529,8 @@ def run_training(cfg: Any, data: str | Path, images: str | Path, out_dir: str | 
 
     trainer = Trainer(model, cfg, train_ds, out_dir, eval_fn=eval_fn)
     result = trainer.train(resume=resume)
+    if trainer.rank != 0:
+        return trainer.model, last.get("metrics")
     final = trainer.model.save(out_dir / "model_final")
     losses = result.get("losses") or {}
     logger.info("finished at iteration %d, total_loss %s; model saved to %s", result.get("iteration", 0),
@@ -525,18 +540,59 @@ def run_training(cfg: Any, data: str | Path, images: str | Path, out_dir: str | 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``maskrcnn train``: train on a COCO dataset; writes the run folder and model_final/."""
+    from maskrcnn.engine import dist as du  # noqa: PLC0415
     from maskrcnn.engine.evaluator import format_metrics_table  # noqa: PLC0415
 
     _check_device(args.device)
     if args.val_images is not None and args.val_data is None:
         raise CLIError("--val-images needs --val-data")
     cfg = _build_train_config(args.preset, args.config, args.overrides, args.device)
-    _, metrics = run_training(cfg, args.data, args.images, args.out, val_data=args.val_data,
-                              val_images=args.val_images, init_weights=args.weights, resume=args.resume)
+    if args.devices > 1 and not du.launched_by_torchrun():
+        for path, what in ((args.data, "training annotations"), (args.images, "training image folder"),
+                           (args.val_data, "validation annotations"), (args.val_images, "validation image folder")):
+            if path is not None and not Path(path).exists():
+                raise FileNotFoundError(f"{path}: {what} not found")  # before starting any worker
+        return _launch_workers(args, cfg.train.device)
+    with du.distributed_session(cfg.train.device, cfg.train.dist_timeout_s):
+        _quiet_unless_main()
+        _, metrics = run_training(cfg, args.data, args.images, args.out, val_data=args.val_data,
+                                  val_images=args.val_images, init_weights=args.weights, resume=args.resume)
+        if du.get_rank() != 0:
+            return EXIT_OK
     print(f"model: {Path(args.out) / 'model_final'}")
     if metrics is not None:
         print(format_metrics_table(metrics))
     return EXIT_OK
+
+
+def _launch_workers(args: argparse.Namespace, device: str | None) -> int:
+    """Run this command line in ``args.devices`` torchrun workers on this machine; returns when they are done."""
+    import torch  # noqa: PLC0415
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # noqa: PLC0415
+
+    from maskrcnn.engine import dist as du  # noqa: PLC0415
+
+    n = int(args.devices)
+    cuda = torch.cuda.is_available() if device in (None, "", "auto") else str(device).startswith("cuda")
+    if cuda and torch.cuda.device_count() < n:
+        raise CLIError(f"--devices {n} needs {n} GPUs but this machine has {torch.cuda.device_count()}")
+    logger.info("starting %d %s worker processes (torchrun --standalone --nproc-per-node=%d)", n,
+                "GPU" if cuda else "CPU (gloo)", n)
+    try:
+        du.run_torchrun(n, args.argv)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        raise CLIError(f"worker rank {rank} of {n} failed with exit code {failure.exitcode} (its error is printed "
+                       f"above); the other workers were stopped") from e
+    return EXIT_OK
+
+
+def _quiet_unless_main() -> None:
+    """In a worker other than rank 0, show only warnings and errors: rank 0 logs the run."""
+    from maskrcnn.engine import dist as du  # noqa: PLC0415
+
+    if du.get_rank() != 0:
+        logging.getLogger("maskrcnn").setLevel(logging.WARNING)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -591,15 +647,35 @@ def evaluate_to(model: Any, data: str | Path, images: str | Path, out_dir: str |
     return ev.evaluate(model)
 
 
+def _worker_device(device: str | None) -> str | None:
+    """``device`` made specific to this worker's GPU (``cuda:LOCAL_RANK``) inside a multi-process run."""
+    import torch  # noqa: PLC0415
+
+    from maskrcnn.engine import dist as du  # noqa: PLC0415
+
+    if du.get_world_size() > 1 and torch.cuda.is_available() and device in (None, "auto", "cuda"):
+        return f"cuda:{torch.cuda.current_device()}"
+    return device
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """``maskrcnn eval``: COCO box/mask AP; writes OUT/metrics.json and OUT/results.json, prints the table."""
+    from maskrcnn.config import TrainConfig  # noqa: PLC0415
+    from maskrcnn.engine import dist as du  # noqa: PLC0415
     from maskrcnn.engine.evaluator import format_metrics_table, format_per_class_table  # noqa: PLC0415
     from maskrcnn.weights import load_model  # noqa: PLC0415
 
     _check_device(args.device)
-    model = load_model(args.weights, min_size=args.min_size, max_size=args.max_size, device=args.device)
-    model = _apply_model_overrides(model, args.overrides)
-    metrics = evaluate_to(model, args.data, args.images, args.out, batch_size=args.batch_size)
+    if args.devices > 1 and not du.launched_by_torchrun():
+        return _launch_workers(args, args.device)
+    with du.distributed_session(args.device, TrainConfig().dist_timeout_s):
+        _quiet_unless_main()
+        model = load_model(args.weights, min_size=args.min_size, max_size=args.max_size,
+                           device=_worker_device(args.device))
+        model = _apply_model_overrides(model, args.overrides)
+        metrics = evaluate_to(model, args.data, args.images, args.out, batch_size=args.batch_size)
+        if du.get_rank() != 0:
+            return EXIT_OK
     print(format_metrics_table(metrics))
     if args.per_class:
         print()

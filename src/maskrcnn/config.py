@@ -212,6 +212,9 @@ class TrainConfig:
     eval_period: int = 0  # 0: evaluate only at the end (if eval data is given)
     tensorboard: bool = False
     device: str = "auto"
+    # Longest wait, in seconds, for another rank in a collective (multi-process runs): a rank that died or hangs
+    # then stops the others with an error. Must exceed the slowest rank-0-only step (checkpoint, COCO metrics).
+    dist_timeout_s: float = 1800.0
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from maskrcnn.engine import dist as du
 from maskrcnn.structures import Result
 
 __all__ = [
@@ -326,6 +327,12 @@ class Evaluator:
     The model needs only ``predict(list_of_images, score_threshold=None) -> list[Result]``; it is given (3, H, W)
     uint8 RGB tensors. Its contiguous label i is reported as dataset category ``category_ids[i - 1]`` (default:
     the explicit argument, else the Result's own table, else the ground truth's sorted category ids).
+
+    Distributed: when a process group is initialised (and ``distributed``), every rank predicts batches
+    ``rank, rank + world_size, ...`` of the single-process batching, rank 0 gathers the records back into
+    single-process order and computes the metrics once, and every rank returns them. Each image thus goes through
+    the same batch as in one process, so the metrics are identical to single-process evaluation. Only rank 0
+    shows progress and writes files.
     """
 
     def __init__(
@@ -341,6 +348,7 @@ class Evaluator:
         progress: bool = True,
         out_dir: str | Path | None = None,
         verbose: bool = False,
+        distributed: bool = True,
     ) -> None:
         """Evaluate on ``image_ids`` (default: all of ``coco_gt``) read from ``image_dir``/file_name."""
         self.coco_gt = coco_gt
@@ -354,6 +362,7 @@ class Evaluator:
         self.progress = progress
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.verbose = verbose
+        self.distributed = distributed
 
     @classmethod
     def from_dataset(cls, dataset: Any, **kwargs: Any) -> Evaluator:
@@ -391,21 +400,38 @@ class Evaluator:
             return result.category_ids_table
         return sorted(self.coco_gt.getCatIds())
 
+    def _rank_world(self) -> tuple[int, int]:
+        """(rank, world size) this evaluator shards over; (0, 1) when not distributed."""
+        return (du.get_rank(), du.get_world_size()) if self.distributed else (0, 1)
+
     def run(self, model: _Predicts) -> CocoResultWriter:
-        """Predict every image and return the writer holding their RLE-encoded records."""
-        writer = CocoResultWriter()
-        batches = _batches(self.image_ids, self.batch_size)
-        n_batches = (len(self.image_ids) + self.batch_size - 1) // self.batch_size
-        for ids in _progress(batches, n_batches, self.progress, "eval"):
+        """Predict every image and return the writer holding their RLE-encoded records.
+
+        Distributed, rank 0's writer holds every image's records in single-process order, and each other rank's
+        only those of its own shard.
+        """
+        rank, world = self._rank_world()
+        # Whole batches are dealt out, so an image is padded together with the same images as in one process.
+        mine = [(k, ids) for k, ids in enumerate(_batches(self.image_ids, self.batch_size)) if k % world == rank]
+        shard: list[tuple[int, list[tuple[int, list[dict[str, Any]]]]]] = []
+        for k, ids in _progress(mine, len(mine), self.progress and rank == 0, "eval"):
             images = [torch.from_numpy(np.ascontiguousarray(_read_image(self.image_path(i)))).permute(2, 0, 1)
                       for i in ids]
             with torch.no_grad():
                 preds = model.predict(images, score_threshold=self.score_threshold)
             if len(preds) != len(ids):
                 raise RuntimeError(f"model returned {len(preds)} results for {len(ids)} images")
-            for image_id, res in zip(ids, preds):
-                writer.add_records(results_to_coco(res, image_id, self._category_ids_for(res)), image_id)
+            shard.append((k, [(image_id, results_to_coco(res, image_id, self._category_ids_for(res)))
+                              for image_id, res in zip(ids, preds)]))
             del images, preds  # full-image masks go as soon as they are encoded
+        if world > 1:
+            gathered = du.gather_object(shard, dst=0)
+            if gathered is not None:
+                shard = sorted((item for part in gathered for item in part), key=lambda kv: kv[0])
+        writer = CocoResultWriter()
+        for _, per_image in shard:
+            for image_id, records in per_image:
+                writer.add_records(records, image_id)
         return writer
 
     def evaluate(self, model: _Predicts) -> dict[str, Any]:
@@ -413,8 +439,22 @@ class Evaluator:
         t0 = time.perf_counter()
         writer = self.run(model)
         seconds = time.perf_counter() - t0
-        metrics = evaluate_coco(self.coco_gt, writer.records, self.iou_types, self.class_names,
-                                image_ids=self.image_ids, category_ids=self.category_ids, verbose=self.verbose)
+        rank, world = self._rank_world()
+        if rank != 0:
+            # The metrics are computed once, on rank 0; the others wait for them (or for its error) here.
+            status, payload = du.broadcast_object(None)
+            if status == "error":
+                raise RuntimeError(f"COCO evaluation failed on rank 0: {payload}")
+            return payload
+        try:
+            metrics = evaluate_coco(self.coco_gt, writer.records, self.iou_types, self.class_names,
+                                    image_ids=self.image_ids, category_ids=self.category_ids, verbose=self.verbose)
+        except Exception as e:
+            if world > 1:
+                du.broadcast_object(("error", f"{type(e).__name__}: {e}"))
+            raise
+        if world > 1:
+            du.broadcast_object(("ok", metrics))
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             writer.write(self.out_dir / "results.json")

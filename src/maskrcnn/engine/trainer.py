@@ -21,6 +21,15 @@ only on ``(seed, i)`` -- e.g. a per-iteration ``torch.Generator`` seeded from bo
 state or on worker seeds drawn when an iterator is created. The trainer restores the global torch / CUDA /
 numpy / python RNGs and every ``torch.Generator`` held as a model attribute, so randomness inside the model
 (proposal sampling, dropout) resumes exactly; evaluation runs with the RNG states saved and restored around it.
+
+Several processes (torchrun)
+----------------------------
+With a process group initialised (``maskrcnn.engine.dist.init_distributed``), the model is wrapped in DDP (its
+BatchNorm layers first become SyncBatchNorm when ``model.backbone.norm=syncbn``), a dataset is sharded by the
+rank-aware grouped sampler at ``solver.ims_per_batch // world_size`` images per process, and only rank 0 writes
+files, logs and shows the progress bar. Checkpoints hold every rank's RNG and data state, so a resume on the same
+number of processes is exact. A collective that fails because a peer died or timed out
+(``train.dist_timeout_s``) raises ``maskrcnn.engine.dist.RankFailureError``.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from maskrcnn.config import Config, save_config
 from maskrcnn.engine import dist as du
 from maskrcnn.engine.checkpoint import (CheckpointManager, atomic_write_text, get_rng_state, load_checkpoint,
                                         module_generators, set_rng_state)
-from maskrcnn.engine.schedule import WarmupLRFactor, build_lr_scheduler, build_optimizer
+from maskrcnn.engine.schedule import WarmupLRFactor, build_lr_scheduler, build_optimizer, lr_scale
 
 __all__ = [
     "NonFiniteLossError",
@@ -104,6 +113,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"train.device={device!r} but CUDA is not available; use 'cpu' or 'auto'")
+    if dev.type == "cuda" and dev.index is None and du.is_dist():
+        # Each rank owns the GPU init_distributed selected (LOCAL_RANK); DDP needs it by index.
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
@@ -219,6 +231,23 @@ def _is_grouped_sampler(obj: Any) -> bool:
     return isinstance(obj, GroupedBatchSampler)
 
 
+def _maybe_sync_bn(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+    """With ``model.backbone.norm=syncbn`` (and several processes), every BatchNorm of the model syncs its stats."""
+    if cfg.model.backbone.norm != "syncbn":
+        return model
+    if device.type == "cpu":
+        raise ValueError("model.backbone.norm='syncbn' with several processes needs CUDA devices (PyTorch's "
+                         "SyncBatchNorm has no CPU implementation); use 'frozen_bn', 'gn' or 'bn' on CPU")
+    # The FPN and head norms are converted too: asking for SyncBN means no BN layer should see only one
+    # process's few images.
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def _stream_seed(seed: int, rank: int, start_iter: int) -> int:
+    """Seed of a rank's RNG streams when a resume cannot restore them (the checkpoint's world size differs)."""
+    return int(np.random.SeedSequence([seed, rank, start_iter]).generate_state(1)[0])
+
+
 def _to_device(batch: Any, device: torch.device) -> Batch:
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise TypeError(f"a training batch must be (images, targets), got {type(batch).__name__}")
@@ -294,12 +323,17 @@ class Trainer:
         self.device = resolve_device(device if device is not None else cfg.train.device)
 
         ddp = nn.parallel.DistributedDataParallel
+        bare = model.module if isinstance(model, ddp) else model
+        if self.world_size > 1 and not isinstance(model, ddp):
+            bare = _maybe_sync_bn(bare, cfg, self.device)
         # self.model is always the bare module (checkpoints hold its keys, without "module."); the forward
         # pass goes through the DDP wrapper when there is one.
-        self.model: nn.Module = (model.module if isinstance(model, ddp) else model).to(self.device)
+        self.model: nn.Module = bare.to(self.device)
         self._train_model: nn.Module = model if isinstance(model, ddp) else self.model
         if self.world_size > 1 and not isinstance(model, ddp):
             ids = [self.device.index] if self.device.type == "cuda" else None
+            # DDP broadcasts rank 0's weights here, so every rank starts from the same model even when each
+            # built its own random init. Frozen BN has no parameters, so there is nothing else to keep in step.
             self._train_model = ddp(self.model, device_ids=ids)
         self.optimizer = build_optimizer(self.model, cfg.solver)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.solver, self.max_iter)
@@ -309,6 +343,14 @@ class Trainer:
         self._data = _DataStream(train_loader_or_dataset, cfg, self.rank, self.world_size)
         self._metrics = _MetricsLog(self.out_dir / "metrics.jsonl", self.is_main)
         self.iteration = 0
+        if self.world_size > 1 and self.is_main:
+            total, solver = int(cfg.solver.ims_per_batch), cfg.solver
+            scaling = (f"base_lr {solver.base_lr:g} x {total}/{solver.reference_batch_size} by the linear scaling "
+                       f"rule" if solver.scale_lr else "solver.scale_lr is off")
+            logger.info("distributed training on %d processes (%s): %d images per iteration in all, %s per "
+                        "process; peak lr %g (%s)", self.world_size, torch.distributed.get_backend(), total,
+                        f"{total // self.world_size}" if total % self.world_size == 0 else f"{total}/{self.world_size}",
+                        solver.base_lr * lr_scale(solver), scaling)
         # Per-iteration values of this process's run: {"iter", "lr", "total_loss", <loss terms>}.
         self.history: list[dict[str, float]] = []
         self.last_eval: dict[str, Any] | None = None
@@ -388,10 +430,21 @@ class Trainer:
 
     def _load_for_resume(self, resume: bool | str | Path) -> tuple[int, dict[str, Any] | None]:
         path = self.checkpoints.latest() if resume is True else Path(resume)
+        if self.world_size > 1:
+            # Rank 0 (the writer) chooses, so that every rank resumes from the same iteration.
+            chosen = du.broadcast_object((str(path), path.is_file()) if path is not None else None)
+            if chosen is not None and not chosen[1]:
+                raise FileNotFoundError(f"checkpoint not found on rank 0: {chosen[0]}")
+            path = Path(chosen[0]) if chosen is not None else None
         if path is None:
             logger.info("resume: no checkpoint in %s, starting from scratch", self.checkpoints.directory)
             return 0, None
-        ckpt = load_checkpoint(path, map_location="cpu")
+        if du.all_ranks_true(path.is_file(), self.device):
+            ckpt = load_checkpoint(path, map_location="cpu")
+        else:
+            # Some rank cannot see rank 0's files (no shared filesystem between machines): send it the state.
+            logger.info("resume: %s is not visible to every rank; rank 0 sends it over the process group", path)
+            ckpt = du.broadcast_object(load_checkpoint(path, map_location="cpu") if self.is_main else None)
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a training checkpoint of this trainer (format "
                              f"{ckpt.get('format')!r}); load plain weights into the model instead")
@@ -402,7 +455,8 @@ class Trainer:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         iteration = int(ckpt["iteration"])
-        logger.info("resuming from %s at iteration %d", path, iteration)
+        if self.is_main:
+            logger.info("resuming from %s at iteration %d", path, iteration)
         return iteration, ckpt
 
     def _reapply_schedule(self) -> None:
@@ -428,10 +482,10 @@ class Trainer:
             states = ckpt.get("rank_states") or []
             if len(states) == self.world_size:
                 rank_state = states[self.rank]
-            else:
-                logger.warning("checkpoint was written by %d processes, now %d: RNG states are not restored, "
-                               "so the resumed run will not repeat the original exactly", len(states),
-                               self.world_size)
+            elif self.is_main:
+                logger.warning("checkpoint was written by %d processes, now %d: weights, optimiser, schedule and "
+                               "data position resume, but per-process RNG streams start afresh, so the run will "
+                               "not repeat a %d-process run exactly", len(states), self.world_size, len(states))
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out_dir / "config.yaml")
@@ -451,10 +505,22 @@ class Trainer:
             if rank_state is not None:
                 self._set_rng_state(rank_state)
             elif ckpt is None:
+                # A different stream per rank (proposal sampling, any global-RNG augmentation), the same streams
+                # for the same seed and world size. Data augmentation is seeded per sample by the loader.
                 seed_all(self.cfg.train.seed + self.rank)
+            else:
+                seed_all(_stream_seed(self.cfg.train.seed, self.rank, start_iter))
             self._train_model.train()
             bar = self._open_bar(start_iter)
-            self._loop(start_iter, bar, tb)
+            try:
+                self._loop(start_iter, bar, tb)
+            except Exception as e:
+                if self.world_size > 1 and du.is_peer_failure(e):
+                    raise du.RankFailureError(
+                        f"rank {self.rank} of {self.world_size}: training stopped at iteration {self.iteration + 1}: "
+                        f"another process died or did not answer within train.dist_timeout_s="
+                        f"{self.cfg.train.dist_timeout_s:g}s ({' '.join(str(e).split())[:300]})") from e
+                raise
         finally:
             if bar is not None:
                 bar.close()
