@@ -76,3 +76,32 @@ def test_bad_files_and_options(tmp_path: Path, v1_path: Path) -> None:
     empty_dir.mkdir()
     with pytest.raises(WeightsError, match="no model.safetensors"):
         maskrcnn.load_model(empty_dir)
+
+
+def test_load_by_registry_name_from_cache_and_mirror(v1_path: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registry name resolves to the cached file, or downloads it from $MASKRCNN_MIRROR first."""
+    import hashlib
+    import shutil
+
+    from maskrcnn import hub
+
+    digest = hashlib.sha256(v1_path.read_bytes()).hexdigest()
+    entry = hub.WeightsEntry(name="shapes_fixture_v1", url="https://example.invalid/models/shapes_v1.pth",
+                             sha256=digest, format="torchvision", preset="torchvision_v1", num_classes=3,
+                             class_names=("square", "circle", "triangle"))
+    monkeypatch.setitem(hub.REGISTRY, entry.name, entry)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    shutil.copy(v1_path, mirror / "shapes_v1.pth")
+    monkeypatch.setenv("MASKRCNN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MASKRCNN_MIRROR", mirror.as_uri())
+    model = maskrcnn.load_model("shapes_fixture_v1", min_size=320, max_size=512)
+    assert hub.is_cached("shapes_fixture_v1")
+    assert model.cfg.model.class_names == ("square", "circle", "triangle")
+    # Offline now: the cached file is used without any download.
+    monkeypatch.setenv("MASKRCNN_MIRROR", "http://127.0.0.1:9/nothing")
+    again = maskrcnn.load_model("shapes_fixture_v1")
+    assert torch.equal(next(again.parameters()), next(model.parameters()))
+    with pytest.raises(hub.HubError, match="neither an existing file nor known weights"):
+        maskrcnn.load_model("no_such_weights")

@@ -1,4 +1,4 @@
-"""The ``maskrcnn`` command line: predict, train, eval, weights, data and demo.
+"""The ``maskrcnn`` command line: predict, train, eval, weights, data, demo and bench.
 
 Every command's ``--help`` lists each option with its default. Problems the user can fix (a missing file, a bad
 config key, an unknown class name, an unreadable checkpoint) print one ``error: ...`` line on stderr and exit
@@ -264,6 +264,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p, default=None, help_default=" (default: the preset's train.device)")
     _add_overrides(p, f"to the {DEMO.preset} preset after --max-iter")
     p.set_defaults(func=cmd_demo)
+
+    # bench ------------------------------------------------------------------------------------------------------
+    p = _add(sub, "bench", "measure inference and training speed, memory and FLOP/s against the naive path",
+             description="Benchmarks at 800x1216 (R50-FPN v1/v2, R18-FPN): inference latency with a per-stage "
+                         "breakdown, training step time, images/s for a batch, peak RSS and FLOP/s as a fraction "
+                         "of a conv microbenchmark. Each mode of --modes is measured in the same run; ratios are "
+                         "taken against the second mode, a --baseline JSON and torchvision's reference figures.",
+             epilog="examples:\n  maskrcnn bench\n  maskrcnn bench --only inference --models r50_fpn_v1 --repeats 3\n"
+                    "  maskrcnn bench --modes fast,naive,fast_math --baseline bench/baseline.json")
+    p.add_argument("--models", default="r50_fpn_v1,r50_fpn_v2,r18_fpn", metavar="NAMES",
+                   help="comma-separated inference models: r50_fpn_v1, r50_fpn_v2, r18_fpn")
+    p.add_argument("--modes", default="fast,naive", metavar="MODES",
+                   help="comma-separated modes to measure (fast, naive, fast_math); ratios are against the second")
+    p.add_argument("--only", default="inference,training,throughput", metavar="TASKS",
+                   help="comma-separated tasks: inference, training, throughput")
+    p.add_argument("--repeats", type=_positive_int, default=5, help="timed runs per scenario (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    p.add_argument("--height", type=_positive_int, default=800, help="image height in pixels")
+    p.add_argument("--width", type=_positive_int, default=1216, help="image width in pixels")
+    p.add_argument("--detections", type=_positive_int, default=100,
+                   help="detections per image (score threshold 0, so the mask head and paste do full work)")
+    p.add_argument("--train-batches", default="1,2", metavar="SIZES", help="comma-separated training batch sizes")
+    p.add_argument("--train-model", default="r50_fpn_v1", metavar="NAME", help="model of the training steps")
+    p.add_argument("--throughput-batch", type=_positive_int, default=8, help="images per batch for images/s")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch.set_num_threads in every scenario (default: torch's, one per core)")
+    p.add_argument("--fixtures", default=None, metavar="DIR",
+                   help="fixtures folder with torchvision/maskrcnn_r50_fpn_v1|v2 weights (default: "
+                        "$MASKRCNN_FIXTURES or ../shared/fixtures; random weights when absent)")
+    p.add_argument("--random-weights", action="store_true", help="use random weights even when fixtures exist")
+    p.add_argument("--no-isolate", action="store_true",
+                   help="run all scenarios in this process (peak RSS then is the running maximum)")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count and the conv microbenchmark")
+    p.add_argument("--json", default="bench_results.json", metavar="FILE", help="where to write the results JSON")
+    p.add_argument("--baseline", default=None, metavar="FILE.json",
+                   help="earlier results JSON to compare against (default: none)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -781,6 +818,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(format_metrics_table(metrics))
     print(f"\nmetrics: {out / 'metrics.json'}\nloss curves: {out / 'loss_curves.png'}\n"
           f"model: {out / 'model_final'}\nval overlays: {out / 'val_predictions'}")
+    return EXIT_OK
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``maskrcnn bench``: run the benchmark suite, print its tables and write the JSON."""
+    from maskrcnn import bench  # noqa: PLC0415
+
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(t.strip() for t in text.split(",") if t.strip())
+
+    try:
+        batches = tuple(int(b) for b in names(args.train_batches))
+    except ValueError:
+        raise CLIError(f"--train-batches: expected comma-separated integers, got {args.train_batches!r}") from None
+    settings = bench.BenchSettings(
+        height=args.height, width=args.width, models=names(args.models), modes=names(args.modes),
+        tasks=names(args.only), repeats=args.repeats, warmup=args.warmup, detections=args.detections,
+        train_batches=batches, train_model=args.train_model, throughput_batch=args.throughput_batch,
+        threads=args.threads, fixtures=args.fixtures, random_weights=args.random_weights,
+        isolate=not args.no_isolate, count_flops=not args.no_flops)
+    baseline = None
+    if args.baseline:
+        try:
+            baseline = json.loads(Path(args.baseline).read_text())
+        except json.JSONDecodeError as e:
+            raise CLIError(f"{args.baseline}: invalid JSON ({e})") from None
+    report = bench.run_benchmarks(settings, log=lambda line: print(line, file=sys.stderr))
+    if baseline is not None:
+        report["comparisons"] = bench.compare(report, baseline)
+        report["baseline_file"] = str(args.baseline)
+    print(bench.format_report(report))
+    print(f"\nresults: {bench.write_json(report, args.json)}")
     return EXIT_OK
 
 

@@ -177,9 +177,11 @@ class ModelConfig:
 class SolverConfig:
     """SGD with momentum, linear warmup, then multi-step or cosine decay (paper defaults)."""
 
-    optimizer: Literal["sgd"] = "sgd"
+    # "sgd" is the paper's; "adamw" converges faster when training from scratch on small data (the demo).
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     base_lr: float = 0.02
     momentum: float = 0.9
+    adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 1e-4
     # Weight decay on norm weights and all biases; 0.0 turns it off for them (None keeps weight_decay).
     weight_decay_norm: float | None = None

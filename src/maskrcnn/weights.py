@@ -140,16 +140,21 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def load_model(path_or_name: str | Path, config: Config | None = None, **overrides: Any) -> MaskRCNN:
+def load_model(path_or_name: str | Path, config: Config | None = None, optimize: bool = True,
+               **overrides: Any) -> MaskRCNN:
     """Load a MaskRCNN in eval mode from our format, a torchvision ``.pth`` or a registry name.
 
     Keyword overrides of test-time settings: min_size, max_size, score_threshold, nms_threshold,
     detections_per_img, device ("cpu", "cuda", "auto"; default cpu). ``config`` replaces the stored config.
+    ``optimize`` turns on the fast path (:meth:`MaskRCNN.optimize`); False gives the naive reference path.
     """
     path = Path(path_or_name)
+    class_names: tuple[str, ...] = ()
     if not path.exists():
         from maskrcnn import hub  # noqa: PLC0415 - network code only when a name is given
 
+        entry = hub.REGISTRY.get(str(path_or_name))
+        class_names = entry.class_names if entry is not None else ()
         path = hub.resolve_weights(str(path_or_name))
     if path.is_dir() or path.suffix == ".safetensors" or path.name == CONFIG_FILE:
         cfg, state = _read_ours(path)
@@ -162,11 +167,14 @@ def load_model(path_or_name: str | Path, config: Config | None = None, **overrid
                                f"expected: backbone.body.*, rpn.*, roi_heads.*)")
     if config is not None:
         cfg = config
+    elif class_names and len(class_names) == cfg.model.num_classes:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, class_names=tuple(class_names)))
     device = _resolve_device(overrides.get("device", "cpu"))
     cfg = _apply_overrides(cfg, overrides)
     model = MaskRCNN(cfg)
     _load_state(model, state, str(path))
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    return model.optimize(optimize)
 
 
 def _read_ours(path: Path) -> tuple[Config, dict[str, torch.Tensor]]:

@@ -33,10 +33,10 @@ def lr_scale(solver: SolverConfig) -> float:
     return solver.ims_per_batch / solver.reference_batch_size
 
 
-def build_optimizer(model: nn.Module, solver: SolverConfig) -> torch.optim.SGD:
-    """SGD with momentum; one param group per weight decay (norm params and biases may get their own)."""
-    if solver.optimizer != "sgd":
-        raise ValueError(f"unsupported solver.optimizer {solver.optimizer!r}; only 'sgd' is implemented")
+def build_optimizer(model: nn.Module, solver: SolverConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (or AdamW); one param group per weight decay (norm params and biases may get their own)."""
+    if solver.optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"unsupported solver.optimizer {solver.optimizer!r}; choose 'sgd' or 'adamw'")
     wd_norm = solver.weight_decay if solver.weight_decay_norm is None else solver.weight_decay_norm
     wd_bias = solver.weight_decay if solver.weight_decay_bias is None else solver.weight_decay_bias
     groups: dict[float, list[nn.Parameter]] = {}
@@ -56,6 +56,9 @@ def build_optimizer(model: nn.Module, solver: SolverConfig) -> torch.optim.SGD:
     if not groups:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
     param_groups = [{"params": params, "weight_decay": wd} for wd, params in groups.items()]
+    if solver.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=solver.base_lr, betas=tuple(solver.adam_betas),
+                                 weight_decay=solver.weight_decay)
     return torch.optim.SGD(param_groups, lr=solver.base_lr, momentum=solver.momentum,
                            weight_decay=solver.weight_decay)
 

@@ -8,11 +8,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.config import BackboneConfig, FPNConfig
-from maskrcnn.modeling.backbone import ResNet, conv_norm_act, make_norm
+from maskrcnn.modeling.backbone import ResNet, conv_norm_act, conv_norm_act_forward, make_norm
+from maskrcnn.modeling.timing import stage
 
 
 class FeaturePyramidNetwork(nn.Module):
     """Lateral 1x1 convs, top-down nearest upsampling, 3x3 output convs, plus P6 = maxpool(P5, 1, stride 2)."""
+
+    fast = False
+    fold = False
 
     def __init__(self, in_channels: list[int], cfg: FPNConfig) -> None:
         """One lateral and one output conv per input level; ``cfg.norm`` adds BN/GN (the v2 model)."""
@@ -35,6 +39,14 @@ class FeaturePyramidNetwork(nn.Module):
         last_inner = self.inner_blocks[-1](x[-1])
         results = [self.layer_blocks[-1](last_inner)]
         for idx in range(len(x) - 2, -1, -1):
+            if self.fast:
+                # The lateral conv adds the upsampled coarser level itself (one pass less over the map).
+                top_down = F.interpolate(last_inner, size=x[idx].shape[-2:], mode="nearest")
+                block = self.inner_blocks[idx]
+                last_inner = conv_norm_act_forward(x[idx], block[0], block.norm, relu=False, residual=top_down,
+                                                   fold=self.fold)
+                results.insert(0, self.layer_blocks[idx](last_inner))
+                continue
             inner_lateral = self.inner_blocks[idx](x[idx])
             top_down = F.interpolate(last_inner, size=inner_lateral.shape[-2:], mode="nearest")
             last_inner = inner_lateral + top_down
@@ -57,4 +69,7 @@ class BackboneWithFPN(nn.Module):
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         """(N, 3, H, W) normalised batch -> {"0": P2 (stride 4), ..., "3": P5, "pool": P6}."""
-        return self.fpn(self.body(x))
+        with stage("backbone"):
+            feats = self.body(x)
+        with stage("fpn"):
+            return self.fpn(feats)

@@ -49,6 +49,21 @@ class MaskRCNNPredictor(nn.Sequential):
             elif "bias" in name:
                 nn.init.constant_(param, 0)
 
+    def class_logits(self, x: Tensor, labels: Tensor) -> Tensor:
+        """(R, C, m, m) features and (R,) class indices -> (R, 2m, 2m) logits of each RoI's own class only.
+
+        Inference needs one of the K+1 mask channels per RoI, so the 1x1 logits conv becomes a per-RoI dot
+        product with that class's weight row: 1/(K+1) of the work and no (R, K+1, 2m, 2m) tensor.
+        """
+        y = torch.relu_(self.conv5_mask(x))
+        r, c, h, w = y.shape
+        head = self.mask_fcn_logits
+        weight = head.weight[labels, :, 0, 0]  # (R, C)
+        bias = head.bias[labels] if head.bias is not None else weight.new_zeros(r)
+        # A free view when y is channels-last (the fast path); otherwise one copy into that layout.
+        rows = y.permute(0, 2, 3, 1).reshape(r, h * w, c)
+        return torch.baddbmm(bias.view(r, 1, 1), rows, weight.unsqueeze(2)).view(r, h, w)
+
 
 def maskrcnn_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[Tensor], gt_labels: list[Tensor],
                   matched_idxs: list[Tensor]) -> Tensor:

@@ -17,10 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.config import Config
+from maskrcnn.modeling.backbone import set_fast_path
+from maskrcnn.modeling.box_head import ConvFCHead
 from maskrcnn.modeling.fpn import BackboneWithFPN
 from maskrcnn.modeling.roi_heads import RoIHeads
 from maskrcnn.modeling.rpn import RegionProposalNetwork
-from maskrcnn.ops.masks import paste_masks
+from maskrcnn.modeling.timing import stage
+from maskrcnn.ops.masks import paste_masks, paste_masks_in_windows
 from maskrcnn.ops.resize import resize_scale
 from maskrcnn.structures import Result
 
@@ -103,6 +106,38 @@ class MaskRCNN(nn.Module):
         # Test-time sizes are attributes so a loaded model can be retargeted without rebuilding it.
         self.min_size_test = inp.min_size_test
         self.max_size_test = inp.max_size_test
+        self.fast = False
+        self.fast_math = False
+        self.channels_last = False
+
+    def optimize(self, enabled: bool = True, fast_math: bool = False) -> MaskRCNN:
+        """Switch the fast path on (``load_model``'s default) or off (``enabled=False``: the naive path); returns self.
+
+        The fast path keeps torchvision's arithmetic up to the RoI heads, so boxes, scores and features stay bit
+        for bit those of the naive path: norms, residual adds and ReLUs run in place on each conv's output, RoI
+        features are written in place. After that it takes the liberties whose effect stays far inside the
+        parity tolerances: the mask head runs channels-last with its norms folded, computes only the predicted
+        class's logits, and masks are pasted per box window. ``fast_math`` also folds every norm into its conv,
+        fuses bias + residual + ReLU into the oneDNN conv and runs the whole model channels-last: faster, but
+        features then differ from torchvision's by ~1e-6 relative, which can move a box across a pixel
+        boundary of the paste or reorder proposals with near-equal scores. Parameters, state-dict keys and
+        training behaviour are unchanged either way.
+        """
+        self.fast = enabled
+        self.fast_math = enabled and fast_math
+        self.channels_last = self.fast_math
+        set_fast_path(self, enabled, fold=self.fast_math)
+        self.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        heads = self.roi_heads
+        if heads.mask_head is not None and heads.mask_roi_pool is not None and heads.mask_predictor is not None:
+            set_fast_path(heads.mask_head, enabled, fold=enabled)
+            fmt = torch.channels_last if enabled else torch.contiguous_format
+            heads.mask_head.to(memory_format=fmt)
+            heads.mask_predictor.to(memory_format=fmt)
+            heads.mask_roi_pool.channels_last_output = enabled
+        # An MLP box head flattens its input in NCHW order; a conv head wants channels-last like the mask head.
+        heads.box_roi_pool.channels_last_output = self.channels_last and isinstance(heads.box_head, ConvFCHead)
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -126,7 +161,9 @@ class MaskRCNN(nn.Module):
         max_w = max(int(img.shape[-1]) for img in images)
         max_h = int(math.ceil(float(max_h) / stride) * stride)
         max_w = int(math.ceil(float(max_w) / stride) * stride)
-        batch = images[0].new_full((len(images), images[0].shape[0], max_h, max_w), 0)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        batch = torch.empty((len(images), images[0].shape[0], max_h, max_w), dtype=images[0].dtype,
+                            device=images[0].device, memory_format=fmt).zero_()
         for i, img in enumerate(images):  # a loop over the images of a batch
             batch[i, :, : img.shape[-2], : img.shape[-1]].copy_(img)
         return batch
@@ -149,9 +186,12 @@ class MaskRCNN(nn.Module):
 
         Detections are in resized-image pixels (before mapping back to the input image).
         """
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         features = self.backbone(batch)
         feats = list(features.values())
-        proposals, rpn_losses = self.rpn(feats, tuple(batch.shape[-2:]), image_sizes, targets, generator)
+        with stage("rpn"):
+            proposals, rpn_losses = self.rpn(feats, tuple(batch.shape[-2:]), image_sizes, targets, generator)
         detections, head_losses = self.roi_heads(features, proposals, image_sizes, targets, generator, score_thresh)
         return {"features": features, "proposals": proposals, "detections": detections,
                 "losses": {**rpn_losses, **head_losses}}
@@ -176,7 +216,8 @@ class MaskRCNN(nn.Module):
                 raise ValueError(f"target {i}: boxes must have shape (N, 4), got {tuple(boxes.shape)}")
             tgts.append({"boxes": boxes.to(dev, torch.float32), "labels": t["labels"].to(dev, torch.int64),
                          "masks": t["masks"].to(dev)})
-        batch, sizes = self.preprocess(imgs, resize=False)
+        with stage("transform"):
+            batch, sizes = self.preprocess(imgs, resize=False)
         return self.run(batch, sizes, tgts, generator)["losses"]
 
     @torch.no_grad()
@@ -189,9 +230,12 @@ class MaskRCNN(nn.Module):
         (D, M, M) in resized-image pixels, features of the padded batch, and the resized sizes.
         """
         dev = self.device
-        imgs = [img.to(dev) for img in images]
-        batch, sizes = self.preprocess(imgs, resize=True)
+        with stage("transform"):
+            imgs = [img.to(dev) for img in images]
+            batch, sizes = self.preprocess(imgs, resize=True)
         out = self.run(batch, sizes, score_thresh=score_threshold)
+        if not keep_intermediates:
+            del batch, out["features"]  # the feature maps are the largest tensors; free them before pasting
         mh = self.cfg.model.mask_head
         results = []
         for i, (det, img) in enumerate(zip(out["detections"], imgs)):
@@ -199,10 +243,20 @@ class MaskRCNN(nn.Module):
             boxes = resize_boxes(det["boxes"], sizes[i], orig)
             r: dict[str, Any] = {"boxes": boxes, "scores": det["scores"], "labels": det["labels"]}
             if "masks" in det:
-                pasted = paste_masks(det["masks"], boxes, orig, mh.paste_mode, mh.paste_padding)[:, 0]
-                r["masks"] = pasted > mh.mask_threshold
-                if soft_masks:
-                    r["soft_masks"] = pasted
+                with stage("paste"):
+                    if self.fast and not soft_masks:
+                        # Binarised per box window: no (D, H, W) float tensor at all.
+                        r["masks"] = paste_masks_in_windows(det["masks"], boxes, orig, mh.paste_mode,
+                                                            mh.paste_padding, threshold=mh.mask_threshold)
+                    else:
+                        if self.fast:
+                            pasted = paste_masks_in_windows(det["masks"], boxes, orig, mh.paste_mode,
+                                                            mh.paste_padding)
+                        else:
+                            pasted = paste_masks(det["masks"], boxes, orig, mh.paste_mode, mh.paste_padding)[:, 0]
+                        r["masks"] = pasted > mh.mask_threshold
+                        if soft_masks:
+                            r["soft_masks"] = pasted
             if keep_intermediates:
                 r.update(proposals=out["proposals"][i], mask_logits=det.get("mask_logits"), resized_size=sizes[i],
                          batch_shape=tuple(batch.shape[-2:]), features=out["features"])
@@ -224,7 +278,8 @@ class MaskRCNN(nn.Module):
             results: list[Result] = []
             for start in range(0, len(items), max(batch_size, 1)):
                 chunk = items[start: start + max(batch_size, 1)]
-                tensors = [to_chw_float(x) for x in chunk]
+                with stage("transform"):
+                    tensors = [to_chw_float(x) for x in chunk]
                 for src, t, det in zip(chunk, tensors, self.detect(tensors, score_threshold, soft_masks)):
                     results.append(Result(
                         boxes=det["boxes"], scores=det["scores"], labels=det["labels"], masks=det.get("masks"),

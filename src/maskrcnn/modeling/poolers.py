@@ -45,7 +45,13 @@ def infer_scale(feature_shape: tuple[int, int], image_size: tuple[int, int]) -> 
 
 
 class MultiScaleRoIAlign(nn.Module):
-    """RoIAlign over named FPN levels, each RoI taken from its mapped level."""
+    """RoIAlign over named FPN levels, each RoI taken from its mapped level.
+
+    With ``fast`` set the output is channels-last (the layout RoIAlign computes in, and the one the convs of the
+    heads run fastest in) when ``channels_last_output`` is, and the levels are written into it in place.
+    """
+
+    fast = False
 
     def __init__(self, featmap_names: list[str], output_size: int, sampling_ratio: int, aligned: bool = False,
                  canonical_scale: int = 224, canonical_level: int = 4) -> None:
@@ -57,6 +63,8 @@ class MultiScaleRoIAlign(nn.Module):
         self.aligned = aligned
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
+        # Set for heads that start with convs; an MLP head wants NCHW, which it flattens without a copy.
+        self.channels_last_output = False
 
     def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]) -> Tensor:
         """Features {name: (N, C, h, w)}, per-image (Ki, 4) XYXY boxes -> (sum Ki, C, out, out)."""
@@ -64,13 +72,27 @@ class MultiScaleRoIAlign(nn.Module):
         max_size = (max(s[0] for s in image_sizes), max(s[1] for s in image_sizes))
         scales = [infer_scale(tuple(f.shape[-2:]), max_size) for f in feats]
         rois = boxes_to_rois(boxes)
+        cl = self.fast and self.channels_last_output
         if len(feats) == 1:
-            return roi_align(feats[0], rois, self.output_size, scales[0], self.sampling_ratio, self.aligned)
+            return roi_align(feats[0], rois, self.output_size, scales[0], self.sampling_ratio, self.aligned,
+                             channels_last=cl)
         k_min = int(-math.log2(scales[0]))
         k_max = int(-math.log2(scales[-1]))
         mapper = LevelMapper(k_min, k_max, self.canonical_scale, self.canonical_level)
         levels = mapper(boxes)
         c = feats[0].shape[1]
+        if self.fast:
+            # Each level's rows are written in place (the naive path copies the whole result once per level).
+            # Zeros, not empty: a degenerate box whose level is NaN is pooled from no level and must read 0.
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            result = torch.empty((rois.shape[0], c) + self.output_size, dtype=feats[0].dtype,
+                                 device=feats[0].device, memory_format=fmt).zero_()
+            for level, (feat, scale) in enumerate(zip(feats, scales)):  # a loop over the 4 levels
+                idx = torch.where(levels == level)[0]
+                pooled = roi_align(feat, rois[idx], self.output_size, scale, self.sampling_ratio, self.aligned,
+                                   channels_last=cl)
+                result.index_put_((idx,), pooled.to(result.dtype))
+            return result
         result = feats[0].new_zeros((rois.shape[0], c) + self.output_size)
         for level, (feat, scale) in enumerate(zip(feats, scales)):  # a loop over the 4 levels
             idx = torch.where(levels == level)[0]

@@ -10,13 +10,20 @@ from maskrcnn.modeling.box_head import FastRCNNPredictor, build_box_head, fastrc
 from maskrcnn.modeling.mask_head import MaskRCNNHeads, MaskRCNNPredictor, maskrcnn_inference, maskrcnn_loss
 from maskrcnn.modeling.matcher import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedPositiveNegativeSampler, Matcher
 from maskrcnn.modeling.poolers import MultiScaleRoIAlign
+from maskrcnn.modeling.timing import stage
 from maskrcnn.ops.boxes import BoxCoder, box_iou
 
 FPN_LEVELS = ["0", "1", "2", "3"]
 
 
 class RoIHeads(nn.Module):
-    """Box branch (classification + regression) and mask branch over RoIs pooled from the FPN levels P2..P5."""
+    """Box branch (classification + regression) and mask branch over RoIs pooled from the FPN levels P2..P5.
+
+    With ``fast`` set, inference computes only each detection's own mask channel (see
+    :meth:`MaskRCNNPredictor.class_logits`).
+    """
+
+    fast = False
 
     def __init__(self, cfg: ModelConfig, in_channels: int) -> None:
         """Builds poolers, heads and predictors for ``cfg.num_classes`` foreground classes (+1 background)."""
@@ -103,16 +110,19 @@ class RoIHeads(nn.Module):
                 raise ValueError("targets are required in training mode")
             proposals, matched_idxs, labels, regression_targets = self.select_training_samples(
                 proposals, targets, generator)
-        box_features = self.box_head(self.box_roi_pool(features, proposals, image_sizes))
-        class_logits, box_regression = self.box_predictor(box_features)
-        results: list[dict[str, Tensor]] = []
-        if self.training:
-            loss_cls, loss_box = fastrcnn_loss(class_logits, box_regression, labels, regression_targets,
-                                               self.box_cfg.smooth_l1_beta)
-            losses = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
-        else:
-            results = postprocess_detections(class_logits, box_regression, proposals, image_sizes, self.box_coder,
-                                             self.box_cfg, score_thresh)
+        with stage("box_head"):
+            with stage("box_head.roi_align"):
+                pooled = self.box_roi_pool(features, proposals, image_sizes)
+            class_logits, box_regression = self.box_predictor(self.box_head(pooled))
+            del pooled
+            results: list[dict[str, Tensor]] = []
+            if self.training:
+                loss_cls, loss_box = fastrcnn_loss(class_logits, box_regression, labels, regression_targets,
+                                                   self.box_cfg.smooth_l1_beta)
+                losses = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
+            else:
+                results = postprocess_detections(class_logits, box_regression, proposals, image_sizes,
+                                                 self.box_coder, self.box_cfg, score_thresh)
         if self.mask_head is None:
             return results, losses
         assert self.mask_roi_pool is not None and self.mask_predictor is not None
@@ -122,9 +132,12 @@ class RoIHeads(nn.Module):
                 p = torch.where(lab > 0)[0]
                 pos_props.append(props[p])
                 pos_idxs.append(idx[p])
-            mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, pos_props, image_sizes)))
-            losses["loss_mask"] = maskrcnn_loss(mask_logits, pos_props, [t["masks"] for t in targets],
-                                                [t["labels"] for t in targets], pos_idxs)
+            with stage("mask_head"):
+                with stage("mask_head.roi_align"):
+                    pooled = self.mask_roi_pool(features, pos_props, image_sizes)
+                mask_logits = self.mask_predictor(self.mask_head(pooled))
+                losses["loss_mask"] = maskrcnn_loss(mask_logits, pos_props, [t["masks"] for t in targets],
+                                                    [t["labels"] for t in targets], pos_idxs)
         else:
             det_boxes = [r["boxes"] for r in results]
             if sum(b.shape[0] for b in det_boxes) == 0:
@@ -133,12 +146,20 @@ class RoIHeads(nn.Module):
                     r["mask_logits"] = r["boxes"].new_zeros((0, m, m))
                     r["masks"] = r["boxes"].new_zeros((0, 1, m, m))
                 return results, losses
-            mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, det_boxes, image_sizes)))
-            labels_det = [r["labels"] for r in results]
-            probs = maskrcnn_inference(mask_logits, labels_det)
-            idx = torch.arange(mask_logits.shape[0], device=mask_logits.device)
-            chosen = mask_logits[idx, torch.cat(labels_det)]
-            for r, p, lg in zip(results, probs, chosen.split([b.shape[0] for b in det_boxes])):
-                r["masks"] = p
-                r["mask_logits"] = lg
+            with stage("mask_head"):
+                with stage("mask_head.roi_align"):
+                    pooled = self.mask_roi_pool(features, det_boxes, image_sizes)
+                labels_det = [r["labels"] for r in results]
+                counts = [b.shape[0] for b in det_boxes]
+                if self.fast:
+                    chosen = self.mask_predictor.class_logits(self.mask_head(pooled), torch.cat(labels_det))
+                    probs = list(chosen.sigmoid()[:, None].split(counts, dim=0))
+                else:
+                    mask_logits = self.mask_predictor(self.mask_head(pooled))
+                    probs = maskrcnn_inference(mask_logits, labels_det)
+                    idx = torch.arange(mask_logits.shape[0], device=mask_logits.device)
+                    chosen = mask_logits[idx, torch.cat(labels_det)]
+                for r, p, lg in zip(results, probs, chosen.split(counts)):
+                    r["masks"] = p
+                    r["mask_logits"] = lg
         return results, losses

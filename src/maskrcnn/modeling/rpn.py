@@ -15,6 +15,7 @@ from maskrcnn.modeling.matcher import (
     BalancedPositiveNegativeSampler,
     Matcher,
 )
+from maskrcnn.modeling.timing import stage
 from maskrcnn.ops.boxes import BoxCoder, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
 
@@ -157,15 +158,11 @@ class RegionProposalNetwork(nn.Module):
                 targets: list[dict[str, Tensor]] | None = None, generator: torch.Generator | None = None
                 ) -> tuple[list[Tensor], dict[str, Tensor]]:
         """Per-level features of a padded batch -> per image proposals (P, 4) XYXY resized-image pixels, losses."""
-        logits, deltas = self.head(features)
-        anchors = self.anchor_generator(batch_shape, [tuple(f.shape[-2:]) for f in features],
-                                        features[0].dtype, features[0].device)
-        num_images = features[0].shape[0]
-        num_anchors_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in logits]
-        objectness, pred_bbox_deltas = concat_box_prediction_layers(logits, deltas)
-        all_anchors = anchors.repeat(num_images, 1)
-        proposals = self.box_coder.decode(pred_bbox_deltas.detach(), all_anchors).view(num_images, -1, 4)
-        boxes, _ = self.filter_proposals(proposals, objectness, image_sizes, num_anchors_per_level)
+        with stage("rpn.head"):
+            logits, deltas = self.head(features)
+        with stage("rpn.proposals"):
+            boxes, anchors, objectness, pred_bbox_deltas = self._proposals(features, batch_shape, image_sizes,
+                                                                           logits, deltas)
         losses: dict[str, Tensor] = {}
         if self.training:
             if targets is None:
@@ -176,4 +173,17 @@ class RegionProposalNetwork(nn.Module):
                                                    generator)
             losses = {"loss_objectness": loss_obj, "loss_rpn_box_reg": loss_reg}
         return boxes, losses
+
+    def _proposals(self, features: list[Tensor], batch_shape: tuple[int, int], image_sizes: list[tuple[int, int]],
+                   logits: list[Tensor], deltas: list[Tensor]) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+        """Head outputs -> per-image proposals, the anchors, flat objectness and flat deltas."""
+        anchors = self.anchor_generator(batch_shape, [tuple(f.shape[-2:]) for f in features],
+                                        features[0].dtype, features[0].device)
+        num_images = features[0].shape[0]
+        num_anchors_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in logits]
+        objectness, pred_bbox_deltas = concat_box_prediction_layers(logits, deltas)
+        all_anchors = anchors.repeat(num_images, 1)
+        proposals = self.box_coder.decode(pred_bbox_deltas.detach(), all_anchors).view(num_images, -1, 4)
+        boxes, _ = self.filter_proposals(proposals, objectness, image_sizes, num_anchors_per_level)
+        return boxes, anchors, objectness, pred_bbox_deltas
 

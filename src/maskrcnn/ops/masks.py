@@ -148,6 +148,82 @@ def paste_masks_grid_sample(masks: torch.Tensor, boxes: torch.Tensor, image_shap
     return torch.nn.functional.grid_sample(masks, grid.to(masks.dtype), align_corners=False)
 
 
+def _legacy_windows(boxes: torch.Tensor, m: int, padding: int) -> torch.Tensor:
+    """(N, 4) float boxes -> (N, 4) int64 x0, y0, x1, y1 (inclusive) of the grown, truncated paste boxes."""
+    scale = float(m + 2 * padding) / m
+    w_half = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale
+    h_half = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
+    x_c = (boxes[:, 2] + boxes[:, 0]) * 0.5
+    y_c = (boxes[:, 3] + boxes[:, 1]) * 0.5
+    return torch.stack([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half], dim=1).to(torch.int64)
+
+
+def paste_masks_in_windows(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int, int],
+                           mode: str = "legacy", padding: int = 1, threshold: float | None = None) -> torch.Tensor:
+    """Paste (N, 1, M, M) soft masks at (N, 4) XYXY boxes: (N, H, W) soft masks, or bool ``> threshold``.
+
+    Same values as :func:`paste_masks`, but each mask is resized only over its own box (torchvision's per-box
+    ``F.interpolate`` for "legacy", ``grid_sample`` over the box plus its half-texel border for "grid_sample")
+    and written into its window, so no (N, H, W) float tensor exists when ``threshold`` is given: pasting 100
+    masks into an 800x1216 image touches ~100 box windows instead of 100 full-image float planes.
+    """
+    if mode not in ("legacy", "grid_sample"):
+        raise ValueError(f"unknown paste mode {mode!r}; expected 'legacy' or 'grid_sample'")
+    n = masks.shape[0]
+    im_h, im_w = image_shape
+    out_dtype = torch.bool if threshold is not None else masks.dtype
+    out = torch.zeros((n, im_h, im_w), dtype=out_dtype, device=masks.device)
+    if n == 0:
+        return out
+    m = masks.shape[-1]
+    if mode == "legacy":
+        src = torch.nn.functional.pad(masks, (padding,) * 4)
+        # One host sync for all boxes: window sizes decide the shapes below.
+        wins = _legacy_windows(boxes, m, padding).tolist()
+    else:
+        src = masks
+        b = boxes.to(torch.float32)
+        # grid_sample reads texels up to half a texel past the box edge, i.e. w / (2M) pixels: widen by that.
+        mx = (b[:, 2] - b[:, 0]).abs() / (2 * m) + 2
+        my = (b[:, 3] - b[:, 1]).abs() / (2 * m) + 2
+        lo = torch.stack([b[:, 0] - mx, b[:, 1] - my], 1).floor()
+        hi = torch.stack([b[:, 2] + mx, b[:, 3] + my], 1).ceil()
+        finite = torch.isfinite(lo).all(1) & torch.isfinite(hi).all(1)
+        full = torch.tensor([0.0, 0.0, float(im_w), float(im_h)], device=b.device)
+        wins = torch.where(finite[:, None], torch.cat([lo, hi], 1), full).clamp(-1, max(im_h, im_w) + 1)
+        wins = wins.to(torch.int64).tolist()
+        b_list = b.tolist()
+    for i in range(n):  # a loop over detections: each has its own window shape
+        if mode == "legacy":
+            x0, y0, x1, y1 = wins[i]
+            w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
+            cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1 + 1, im_w), min(y1 + 1, im_h)
+            if cx1 <= cx0 or cy1 <= cy0:
+                continue
+            # Exactly torchvision's per-box resize, so values match it bit for bit.
+            res = torch.nn.functional.interpolate(src[i: i + 1], size=(h, w), mode="bilinear",
+                                                  align_corners=False)[0, 0]
+            win = res[cy0 - y0: cy1 - y0, cx0 - x0: cx1 - x0]
+        else:
+            wx0, wy0, wx1, wy1 = wins[i]
+            cx0, cy0, cx1, cy1 = max(wx0, 0), max(wy0, 0), min(wx1, im_w), min(wy1, im_h)
+            if cx1 <= cx0 or cy1 <= cy0:
+                continue
+            bx0, by0, bx1, by1 = (torch.tensor(v, dtype=torch.float32, device=masks.device) for v in b_list[i])
+            # The same float operations as paste_masks_grid_sample at the same pixel centres: identical samples.
+            img_y = torch.arange(cy0, cy1, device=masks.device, dtype=torch.float32) + 0.5
+            img_x = torch.arange(cx0, cx1, device=masks.device, dtype=torch.float32) + 0.5
+            img_y = (img_y - by0) / (by1 - by0) * 2 - 1
+            img_x = (img_x - bx0) / (bx1 - bx0) * 2 - 1
+            grid = torch.stack([img_x[None, :].expand(cy1 - cy0, -1), img_y[:, None].expand(-1, cx1 - cx0)], dim=2)
+            win = torch.nn.functional.grid_sample(src[i: i + 1], grid[None].to(src.dtype), align_corners=False)[0, 0]
+        if threshold is not None:
+            out[i, cy0:cy1, cx0:cx1] = win > threshold
+        else:
+            out[i, cy0:cy1, cx0:cx1] = win
+    return out
+
+
 def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int, int], mode: str = "legacy",
                 padding: int = 1) -> torch.Tensor:
     """Paste (N, 1, M, M) soft masks at (N, 4) XYXY boxes into (N, 1, H, W) masks ("legacy" or "grid_sample")."""

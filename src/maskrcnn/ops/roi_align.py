@@ -283,6 +283,7 @@ class _RoIAlignFunction(torch.autograd.Function):
         spatial_scale: float,
         sampling_ratio: int,
         aligned: bool,
+        channels_last: bool = False,
     ) -> Tensor:
         n, c, h, w = input.shape
         k = rois.size(0)
@@ -305,8 +306,11 @@ class _RoIAlignFunction(torch.autograd.Function):
                 out[sel] = bags
         assert out is not None
         del feats  # free the channels-last copy before the output's layout copy below
+        nhwc = out.view(k, pooled_h, pooled_w, c).permute(0, 3, 1, 2)
+        if channels_last:
+            return nhwc  # already channels-last contiguous: no copy for a caller that wants that layout
         # Callers may .view() the result, so hand back the NCHW-contiguous layout torchvision returns.
-        return out.view(k, pooled_h, pooled_w, c).permute(0, 3, 1, 2).contiguous()
+        return nhwc.contiguous()
 
     @staticmethod
     @once_differentiable
@@ -315,7 +319,7 @@ class _RoIAlignFunction(torch.autograd.Function):
         n, c, h, w = ctx.input_shape
         k = rois.size(0)
         if k == 0 or c == 0 or n * h * w == 0:
-            return grad_out.new_zeros((n, c, h, w)), None, None, None, None, None, None
+            return grad_out.new_zeros((n, c, h, w)), None, None, None, None, None, None, None
         g = grad_out.permute(0, 2, 3, 1).reshape(k, -1, c).contiguous()
         grad_in: Tensor | None = None
         for sel, index, weights in _align_chunks(rois, *ctx.args):
@@ -323,7 +327,7 @@ class _RoIAlignFunction(torch.autograd.Function):
             grad_in = part if grad_in is None else grad_in.add_(part)
         assert grad_in is not None
         del g  # free before the layout copy below allocates the NCHW gradient
-        return _rows_to_nchw(grad_in, n, c, h, w), None, None, None, None, None, None
+        return _rows_to_nchw(grad_in, n, c, h, w), None, None, None, None, None, None, None
 
 
 def roi_align(
@@ -333,19 +337,24 @@ def roi_align(
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
+    *,
+    channels_last: bool = False,
 ) -> Tensor:
     """RoIAlign: input (N, C, H, W), rois (K, 5) [batch, x1, y1, x2, y2] or [(Ki, 4)] in image px -> (K, C, oh, ow).
 
     Box coordinates times ``spatial_scale`` are feature-map pixels. Bins average the bilinear samples of a
     ``sampling_ratio``^2 grid (adaptive ceil(roi / output) per RoI when <= 0); ``aligned`` shifts by -0.5 px.
+    The result is NCHW-contiguous, or channels-last with ``channels_last`` (the layout it is computed in).
     """
     if input.dtype in (torch.float16, torch.bfloat16):
         # As torchvision's autocast wrapper: compute in float32, return the input's precision.
-        return roi_align(input.float(), rois, output_size, spatial_scale, sampling_ratio, aligned).to(input.dtype)
+        return roi_align(input.float(), rois, output_size, spatial_scale, sampling_ratio, aligned,
+                         channels_last=channels_last).to(input.dtype)
     rois_t = _as_rois(input, rois)
     pooled_h, pooled_w = _pair(output_size)
     return _RoIAlignFunction.apply(
-        input, rois_t, pooled_h, pooled_w, float(spatial_scale), int(sampling_ratio), bool(aligned)
+        input, rois_t, pooled_h, pooled_w, float(spatial_scale), int(sampling_ratio), bool(aligned),
+        bool(channels_last)
     )
 
 

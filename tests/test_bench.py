@@ -1,0 +1,163 @@
+"""The benchmark suite (a tiny smoke run, no timing assertions) and the fast path it measures.
+
+The fast path (``MaskRCNN.optimize``, on by default in ``load_model``) must give the naive path's boxes, scores
+and proposals bit for bit, and masks equal up to the mask head's float rounding; ``fast_math`` only close.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from maskrcnn import bench
+from maskrcnn.cli import main
+from maskrcnn.config import apply_overrides, get_preset
+from maskrcnn.modeling.mask_rcnn import MaskRCNN
+from maskrcnn.modeling.timing import StageTimer, stage
+from maskrcnn.ops.masks import paste_masks, paste_masks_in_windows
+
+TINY = bench.BenchSettings(height=64, width=96, models=("r18_fpn",), modes=("fast", "naive"), repeats=1, warmup=0,
+                           detections=10, train_batches=(1,), train_model="r18_fpn", throughput_batch=2,
+                           throughput_model="r18_fpn", throughput_repeats=1, isolate=False, conv_shape=(16, 16, 16),
+                           random_weights=True)
+
+
+def _frozen_bn_tiny(mask_norm: str = "none") -> MaskRCNN:
+    """A small ResNet-18-FPN with frozen BN and frozen early stages, like the torchvision models."""
+    cfg = apply_overrides(get_preset("r18_fpn_demo"), {
+        "model.backbone.norm": "frozen_bn", "model.backbone.trainable_layers": 3, "model.fpn.norm": "none",
+        "model.fpn.out_channels": 32, "model.mask_head.conv_dim": 32, "model.mask_head.norm": mask_norm,
+        "model.box_head.fc_dim": 64, "model.rpn.pre_nms_top_n_test": 200, "model.rpn.post_nms_top_n_test": 100,
+        "model.box_head.score_thresh": 0.0, "model.box_head.detections_per_img": 20,
+        "input.min_size_test": 64, "input.max_size_test": 96})
+    torch.manual_seed(0)
+    model = MaskRCNN(cfg).eval()
+    with torch.no_grad():  # non-trivial frozen statistics, so that the in-place BN has something to get wrong
+        for m in model.modules():
+            if hasattr(m, "running_var") and m.running_var is not None:
+                m.running_var.uniform_(0.5, 2.0)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    return model
+
+
+def _image(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(3, 64, 96, generator=g)
+
+
+def test_smoke_run_report_and_json(tmp_path: Path) -> None:
+    report = bench.run_benchmarks(TINY)
+    fast, naive = report["results"]["fast"], report["results"]["naive"]
+    inf = fast["inference"]["r18_fpn"]
+    assert inf["detections"] == 10 and inf["median_s"] > 0 and inf["gflop"] > 0
+    assert {"backbone", "fpn", "rpn", "box_head", "mask_head", "paste", "other"} <= set(inf["stages_s"])
+    assert 0 < inf["conv_fraction"] and inf["conv_microbench"]["best_gflops"] > 0
+    assert naive["training"]["batch1"]["median_s"] > 0 and "backward" in naive["training"]["batch1"]["stages_s"]
+    assert fast["throughput"]["r18_fpn"]["images_per_s"] > 0
+    assert "inference/r18_fpn/median_s" in report["comparisons"]["vs_naive"]
+    text = bench.format_report(report)
+    assert "inference r18_fpn" in text and "fast/naive" in text
+    path = bench.write_json(report, tmp_path / "r.json")
+    again = bench.compare(report, json.loads(path.read_text()))
+    assert again["vs_baseline"]["inference/r18_fpn/median_s"] == pytest.approx(1.0)
+
+
+def test_cli_bench(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "b.json"
+    code = main(["bench", "--only", "inference", "--models", "r18_fpn", "--modes", "fast", "--repeats", "1",
+                 "--warmup", "0", "--height", "64", "--width", "64", "--detections", "5", "--no-isolate",
+                 "--no-flops", "--random-weights", "--json", str(out)])
+    assert code == 0
+    assert "inference r18_fpn" in capsys.readouterr().out
+    assert json.loads(out.read_text())["results"]["fast"]["inference"]["r18_fpn"]["detections"] == 5
+    assert main(["bench", "--modes", "turbo", "--no-isolate"]) == 2
+
+
+def test_fast_path_is_bit_exact_up_to_the_mask_head() -> None:
+    model = _frozen_bn_tiny()
+    images = [_image(0), _image(1)]
+    naive = model.optimize(False).detect(images, soft_masks=True, keep_intermediates=True)
+    fast = model.optimize(True).detect(images, soft_masks=True, keep_intermediates=True)
+    for a, b in zip(fast, naive):
+        assert torch.equal(a["proposals"], b["proposals"])
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
+        for k in a["features"]:
+            assert torch.equal(a["features"][k], b["features"][k])
+        assert len(a["boxes"]) > 0
+        torch.testing.assert_close(a["mask_logits"], b["mask_logits"], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a["soft_masks"], b["soft_masks"], atol=1e-5, rtol=0)
+    binary = model.detect(images)  # the fast path's per-window binarisation
+    for a, b in zip(binary, fast):
+        assert a["masks"].dtype == torch.bool and torch.equal(a["masks"], b["soft_masks"] > 0.5)
+
+
+def test_fast_math_is_close_and_state_dict_untouched() -> None:
+    model = _frozen_bn_tiny(mask_norm="bn")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = model.optimize(False).detect([_image(0)], keep_intermediates=True)[0]
+    out = model.optimize(True, fast_math=True).detect([_image(0)], keep_intermediates=True)[0]
+    for k in ref["features"]:
+        torch.testing.assert_close(out["features"][k], ref["features"][k], atol=1e-3, rtol=1e-4)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    # Changing a weight after folding must not leave a stale folded copy behind.
+    with torch.no_grad():
+        model.backbone.body.conv1.weight.mul_(0.5)
+    out2 = model.detect([_image(0)], keep_intermediates=True)[0]
+    ref2 = model.optimize(False).detect([_image(0)], keep_intermediates=True)[0]
+    torch.testing.assert_close(out2["features"]["0"], ref2["features"]["0"], atol=1e-3, rtol=1e-4)
+
+
+def test_training_losses_equal_naive() -> None:
+    model = _frozen_bn_tiny()
+    model.train()
+    img = (_image(2) * 255).to(torch.uint8)
+    target = {"boxes": torch.tensor([[10.0, 12.0, 50.0, 40.0]]), "labels": torch.tensor([1]),
+              "masks": torch.zeros(1, 64, 96, dtype=torch.uint8)}
+    target["masks"][0, 15:35, 15:45] = 1
+    losses = {}
+    for fast in (False, True):
+        model.optimize(fast)
+        out = model([img], [target], generator=torch.Generator().manual_seed(0))
+        total = sum(out.values())
+        model.zero_grad()
+        total.backward()
+        losses[fast] = (out, [p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for k in losses[False][0]:
+        assert torch.equal(losses[True][0][k], losses[False][0][k]), k
+    for g1, g0 in zip(losses[True][1], losses[False][1]):
+        torch.testing.assert_close(g1, g0, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["legacy", "grid_sample"])
+def test_windowed_paste_equals_full_image_paste(mode: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    masks = torch.rand(25, 1, 28, 28, generator=g)
+    xy = torch.rand(25, 2, generator=g) * 120 - 30
+    boxes = torch.cat([xy, xy + torch.rand(25, 2, generator=g) * 90], 1)
+    boxes[0] = torch.tensor([30.0, 30.0, 29.0, 31.0])  # inverted
+    boxes[1] = torch.tensor([-50.0, -40.0, -10.0, -5.0])  # outside the image
+    boxes[2] = torch.tensor([0.0, 0.0, 500.0, 400.0])  # much larger than the image
+    full = paste_masks(masks, boxes, (70, 80), mode)[:, 0]
+    soft = paste_masks_in_windows(masks, boxes, (70, 80), mode)
+    # grid_sample samples the same points; legacy resizes with F.interpolate, as torchvision does, where the
+    # full-image version re-derives its taps (both agree with torchvision's fixture to 1e-5, see test_masks).
+    torch.testing.assert_close(soft, full, atol=0.0 if mode == "grid_sample" else 1e-5, rtol=0)
+    hard = paste_masks_in_windows(masks, boxes, (70, 80), mode, threshold=0.5)
+    assert hard.dtype == torch.bool and torch.equal(hard, soft > 0.5)
+    assert paste_masks_in_windows(masks[:0], boxes[:0], (7, 9), mode, threshold=0.5).shape == (0, 7, 9)
+
+
+def test_stage_timer_is_off_by_default() -> None:
+    with stage("nothing"):
+        pass
+    with StageTimer() as timer:
+        with stage("a"), stage("a.b"):
+            pass
+    assert set(timer.seconds) == {"a", "a.b"} and timer.calls["a"] == 1
