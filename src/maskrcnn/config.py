@@ -261,25 +261,28 @@ def _torchvision_v2() -> Config:
 
 
 def _r18_fpn_demo() -> Config:
-    """Small ResNet-18-FPN at a short side of 256 that trains on CPU in minutes (the demo)."""
+    """Small ResNet-18-FPN at a short side of 192 that trains from scratch on CPU in minutes (the demo).
+
+    Measured on the synthetic shapes (see README): the conv box head instead of the two-FC head took the val
+    mask AP at 1200 iterations from 0.48 to 0.72, and AdamW beat SGD (lr 0.02 or 0.04) from scratch.
+    """
     model = ModelConfig(
         num_classes=3,
         class_names=("square", "circle", "triangle"),
         # Trained from scratch (no downloads), so GroupNorm: frozen BN would leave a random net unnormalised,
-        # and BatchNorm is noisy at 4 images per batch (He et al., "Rethinking ImageNet Pre-training").
+        # and BatchNorm is noisy at 2 images per batch (He et al., "Rethinking ImageNet Pre-training").
         backbone=BackboneConfig(depth=18, norm="gn", trainable_layers=5),
-        fpn=FPNConfig(out_channels=128, norm="gn"),
+        fpn=FPNConfig(out_channels=64, norm="gn"),
         anchors=AnchorConfig(sizes=(16, 32, 64, 128, 256)),
         rpn=RPNConfig(pre_nms_top_n_train=1000, post_nms_top_n_train=500,
                       pre_nms_top_n_test=500, post_nms_top_n_test=300),
-        box_head=BoxHeadConfig(fc_dim=256, batch_size_per_image=128),
-        mask_head=MaskHeadConfig(conv_dim=128, norm="gn"),
+        box_head=BoxHeadConfig(head="conv_fc", conv_dim=64, fc_dim=256, norm="gn", batch_size_per_image=64),
+        mask_head=MaskHeadConfig(conv_dim=64, norm="gn"),
     )
-    inp = InputConfig(min_size_train=(224, 240, 256, 272, 288), max_size_train=480,
-                      min_size_test=256, max_size_test=480)
-    solver = SolverConfig(base_lr=0.02, ims_per_batch=4, reference_batch_size=4, max_iter=600,
-                          steps=(450, 550), warmup_iters=50)
-    train = TrainConfig(checkpoint_period=200, log_period=10, num_workers=0)
+    inp = InputConfig(min_size_train=(176, 192, 208), max_size_train=320, min_size_test=192, max_size_test=320)
+    solver = SolverConfig(optimizer="adamw", base_lr=1e-3, ims_per_batch=2, reference_batch_size=2, max_iter=2000,
+                          steps=(1600, 1900), warmup_iters=50)
+    train = TrainConfig(checkpoint_period=500, log_period=20, num_workers=0)
     return Config(name="r18_fpn_demo", model=model, input=inp, solver=solver, train=train)
 
 
