@@ -8,6 +8,7 @@ The public API::
 
 from maskrcnn.config import Config, apply_overrides, get_preset, load_config, save_config
 from maskrcnn.modeling.mask_rcnn import MaskRCNN
+from maskrcnn.predict import Predictor
 from maskrcnn.structures import Result
 from maskrcnn.weights import load_model, save_model
 
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Config",
     "MaskRCNN",
+    "Predictor",
     "Result",
     "apply_overrides",
     "get_preset",
