@@ -68,6 +68,8 @@ def tiny_config() -> Config:
         # The global batch; the LR follows the linear scaling rule from a reference batch of 4: 0.02 * 2/4.
         "solver.ims_per_batch": 2, "solver.reference_batch_size": 4, "solver.scale_lr": True,
         "solver.base_lr": 0.02, "solver.warmup_iters": 0, "solver.max_iter": 1,
+        # The paper's SGD: a step proportional to the gradient (the demo preset's AdamW would normalise it away).
+        "solver.optimizer": "sgd",
         "train.num_workers": 0, "train.checkpoint_period": 0, "train.keep_last": 0, "train.log_period": 1,
         "train.seed": 3, "train.device": "cpu", "train.dist_timeout_s": 120,
     })
