@@ -17,6 +17,7 @@ best 3x3 conv microbenchmark (NCHW or channels-last) measured in the same proces
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,7 +27,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,10 @@ class BenchSettings:
     conv_shape: tuple[int, int, int] = (256, 200, 304)
     count_flops: bool = True
     seed: int = 0
+    # THP_MEM_ALLOC_ENABLE for the worker processes (PyTorch then backs large tensors with transparent huge
+    # pages, which makes first touches of fresh activations cheaper): True / False, or None to inherit ours.
+    # torch reads it once, at import, so it only acts with ``isolate``.
+    thp: bool | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,8 +353,10 @@ def bench_training(batch: int, mode: str, settings: BenchSettings) -> dict[str, 
             runs.append(time.perf_counter() - start)
         stages.append(dict(timer.seconds))
     names = {k for s in stages for k in s}
-    order = ["forward", *[t for t in TOP_STAGES if t in names], *sorted(n for n in names if "." in n),
-             "backward", "optimizer"]
+    order = ["forward"]
+    for top in TOP_STAGES:
+        order += [top, *sorted(n for n in names if n.startswith(top + "."))]
+    order += ["backward", "optimizer"]
     per_stage = {k: statistics.median(s.get(k, 0.0) for s in stages) for k in order if k in names}
     return {"median_s": statistics.median(runs), "runs_s": runs, "stages_s": per_stage, "batch": batch,
             "losses": losses, "weights": source, "peak_rss_mb": _peak_rss_mb(), "model": settings.train_model}
@@ -380,11 +387,12 @@ def _scenario(kind: str, key: Any, mode: str, settings: BenchSettings) -> dict[s
     else:
         out = bench_throughput(mode, settings)
     out["threads"] = torch.get_num_threads()
-    if kind == "inference" or (kind == "throughput" and settings.count_flops):
+    if settings.count_flops:
         out["conv_microbench"] = conv_microbench(settings.conv_shape)
         best = out["conv_microbench"]["best_gflops"]
         if "gflops_per_s" in out:
             out["conv_fraction"] = out["gflops_per_s"] / best
+            out["conv_fraction_nchw"] = out["gflops_per_s"] / out["conv_microbench"]["nchw_gflops"]
     return out
 
 
@@ -416,6 +424,7 @@ def run_benchmarks(settings: BenchSettings = BenchSettings(), log: Callable[[str
     results: dict[str, dict[str, dict[str, Any]]] = {m: {t: {} for t in settings.tasks} for m in settings.modes}
     plan = _plan(settings)
     started = time.time()
+    load_start = _loadavg()  # before our own work raises it
     for kind, key in plan:
         # Modes interleave per scenario so that a drift in machine load hits them alike.
         for mode in settings.modes:
@@ -423,7 +432,8 @@ def run_benchmarks(settings: BenchSettings = BenchSettings(), log: Callable[[str
             say(f"running {label} ...")
             if settings.isolate:
                 # A fresh interpreter per scenario: its own peak RSS, no allocator state from the last one.
-                with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                with _worker_env(settings), ProcessPoolExecutor(
+                        max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
                     out = pool.submit(_scenario, kind, key, mode, settings).result()
             else:
                 out = _scenario(kind, key, mode, settings)
@@ -432,15 +442,34 @@ def run_benchmarks(settings: BenchSettings = BenchSettings(), log: Callable[[str
     report: dict[str, Any] = {
         "meta": {
             "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "processor": _cpu_name(), "cpu_count": os.cpu_count(), "threads": settings.threads or torch.get_num_threads(),
-            "loadavg_start": _loadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+            "processor": _cpu_name(), "cpu_count": os.cpu_count(),
+            "threads": settings.threads or torch.get_num_threads(),
+            "loadavg_start": load_start, "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
             "seconds": time.time() - started, "settings": _jsonable(dataclasses.asdict(settings)),
+            "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE") if settings.thp is None else settings.thp,
         },
         "reference": REFERENCE,
         "results": results,
     }
     report["comparisons"] = compare(report)
     return report
+
+
+@contextlib.contextmanager
+def _worker_env(settings: BenchSettings) -> Iterator[None]:
+    """Environment for spawned workers: THP_MEM_ALLOC_ENABLE per ``settings.thp`` (read once, at torch import)."""
+    if settings.thp is None:
+        yield
+        return
+    old = os.environ.get("THP_MEM_ALLOC_ENABLE")
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1" if settings.thp else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("THP_MEM_ALLOC_ENABLE", None)
+        else:
+            os.environ["THP_MEM_ALLOC_ENABLE"] = old
 
 
 def _cpu_name() -> str:
@@ -508,13 +537,25 @@ def compare(report: dict[str, Any], baseline: dict[str, Any] | None = None) -> d
         inf = res.get("inference", {}).get("r50_fpn_v1")
         if inf:
             ref[f"{mode}/inference_s"] = _ratio(inf["median_s"], REFERENCE["inference_s"])
+            ref[f"{mode}/inference_s_conv_normalised"] = _normalised_ratio(inf, REFERENCE["inference_s"])
             ref[f"{mode}/inference_peak_rss"] = _ratio(inf.get("peak_rss_mb"), REFERENCE["peak_rss_inference_mb"])
         tr = res.get("training", {}).get("batch1")
         if tr and tr.get("model") == "r50_fpn_v1":
             ref[f"{mode}/train_step_s"] = _ratio(tr["median_s"], REFERENCE["train_step_s"])
+            ref[f"{mode}/train_step_s_conv_normalised"] = _normalised_ratio(tr, REFERENCE["train_step_s"])
             ref[f"{mode}/train_peak_rss"] = _ratio(tr.get("peak_rss_mb"), REFERENCE["peak_rss_train_mb"])
     out["vs_reference"] = ref
     return out
+
+
+def _normalised_ratio(fig: dict[str, Any], reference_s: float) -> float | None:
+    """time / reference time, with this machine's time scaled to the reference machine by the ratio of their
+    channels-last conv microbenchmarks (the reference's 208 GFLOP/s against the one measured here)."""
+    mb = fig.get("conv_microbench")
+    if not mb or not mb.get("channels_last_gflops"):
+        return None
+    scale = mb["channels_last_gflops"] / REFERENCE["conv_gflops_channels_last"]
+    return _ratio(fig["median_s"] * scale, reference_s)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -548,7 +589,7 @@ def format_report(report: dict[str, Any]) -> str:
              f"load at start {meta['loadavg_start']}; times are medians of {meta['settings']['repeats']} runs"]
     # Summary.
     header = ["scenario", primary] + ([other, f"{primary}/{other}"] if other else []) + \
-        [m for m in modes[2:]] + ["peak RSS", "vs reference"]
+        [m for m in modes[2:]] + ["peak RSS", "vs reference", "conv-normalised"]
     rows = []
     for task in res[primary]:
         for key, fig in res[primary][task].items():
@@ -568,12 +609,14 @@ def format_report(report: dict[str, Any]) -> str:
                 cells.append(f"{mf.get('images_per_s', 0):.2f} img/s" if task == "throughput"
                              else _fmt_s(mf.get("median_s")))
             cells.append("-" if fig.get("peak_rss_mb") is None else f"{fig['peak_rss_mb']:.0f} MB")
-            refv = None
+            refv = norm = None
             if task == "inference" and key == "r50_fpn_v1":
                 refv = _ratio(val, REFERENCE["inference_s"])
+                norm = _normalised_ratio(fig, REFERENCE["inference_s"])
             elif task == "training" and key == "batch1" and fig.get("model") == "r50_fpn_v1":
                 refv = _ratio(val, REFERENCE["train_step_s"])
-            cells.append(_fmt_r(refv))
+                norm = _normalised_ratio(fig, REFERENCE["train_step_s"])
+            cells += [_fmt_r(refv), _fmt_r(norm)]
             rows.append(cells)
     parts.append(_table(header, rows))
     # Stages per inference model.
@@ -596,9 +639,14 @@ def format_report(report: dict[str, Any]) -> str:
         if "gflop" in fig:
             mb = fig.get("conv_microbench", {})
             eff = (f"; {fig['gflop']:.0f} GFLOP, {fig['gflops_per_s']:.0f} GFLOP/s = "
-                   f"{100 * fig.get('conv_fraction', 0):.0f}% of the conv microbenchmark's best "
-                   f"({mb.get('nchw_gflops', 0):.0f} NCHW / {mb.get('channels_last_gflops', 0):.0f} channels-last "
+                   f"{100 * fig.get('conv_fraction', 0):.0f}% of the conv microbenchmark's best, "
+                   f"{100 * fig.get('conv_fraction_nchw', 0):.0f}% of its NCHW "
+                   f"({mb.get('channels_last_gflops', 0):.0f} channels-last / {mb.get('nchw_gflops', 0):.0f} NCHW "
                    f"GFLOP/s)")
+        for m in modes[1:]:
+            mf = res[m]["inference"].get(key, {})
+            if "gflops_per_s" in mf:
+                eff += f"; {m}: {mf['gflops_per_s']:.0f} GFLOP/s = {100 * mf.get('conv_fraction', 0):.0f}%"
         parts.append(f"inference {key} ({fig['weights']}, {fig['detections']} detections{eff})\n"
                      + _table(head, rows))
     for key, fig in res[primary].get("training", {}).items():

@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-isolate", action="store_true",
                    help="run all scenarios in this process (peak RSS then is the running maximum)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count and the conv microbenchmark")
+    p.add_argument("--thp", choices=("on", "off", "inherit"), default="inherit",
+                   help="THP_MEM_ALLOC_ENABLE in the scenario processes (transparent huge pages for large tensors; "
+                        "needs process isolation); inherit keeps this shell's setting")
     p.add_argument("--json", default="bench_results.json", metavar="FILE", help="where to write the results JSON")
     p.add_argument("--baseline", default=None, metavar="FILE.json",
                    help="earlier results JSON to compare against (default: none)")
@@ -847,7 +850,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tasks=names(args.only), repeats=args.repeats, warmup=args.warmup, detections=args.detections,
         train_batches=batches, train_model=args.train_model, throughput_batch=args.throughput_batch,
         threads=args.threads, fixtures=args.fixtures, random_weights=args.random_weights,
-        isolate=not args.no_isolate, count_flops=not args.no_flops)
+        isolate=not args.no_isolate, count_flops=not args.no_flops,
+        thp=None if args.thp == "inherit" else args.thp == "on")
     baseline = None
     if args.baseline:
         try:
