@@ -92,6 +92,8 @@ class BenchSettings:
     # pages, which makes first touches of fresh activations cheaper): True / False, or None to inherit ours.
     # torch reads it once, at import, so it only acts with ``isolate``.
     thp: bool | None = None
+    # Before each scenario wait up to this many seconds for other processes to leave the CPUs idle (0: don't).
+    wait_idle: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -375,8 +377,36 @@ def bench_throughput(mode: str, settings: BenchSettings) -> dict[str, Any]:
             "peak_rss_mb": _peak_rss_mb(), "model": settings.throughput_model}
 
 
+def _busy_seconds() -> float | None:
+    """CPU-seconds all processes have spent busy since boot, summed over CPUs (Linux /proc/stat), else None."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_until_idle(max_wait: float, say: Callable[[str], None], threshold: float = 0.15) -> float | None:
+    """Wait (up to ``max_wait`` s) until other processes keep the CPUs less than ``threshold`` busy; returns
+    the last busy fraction seen (0..1), None where it cannot be measured."""
+    deadline = time.time() + max_wait
+    while True:
+        b0, t0 = _busy_seconds(), time.time()
+        time.sleep(1.0)
+        b1 = _busy_seconds()
+        if b0 is None or b1 is None:
+            return None
+        busy = (b1 - b0) / ((time.time() - t0) * (os.cpu_count() or 1))
+        if busy < threshold or time.time() >= deadline:
+            return busy
+        say(f"  other processes keep the CPUs {100 * busy:.0f}% busy; waiting")
+        time.sleep(10.0)
+
+
 def _scenario(kind: str, key: Any, mode: str, settings: BenchSettings) -> dict[str, Any]:
     """Run one scenario (possibly in a fresh worker process) with the configured thread count."""
+    cpu_start = time.process_time()
     if settings.threads:
         torch.set_num_threads(settings.threads)
     out: dict[str, Any]
@@ -393,6 +423,8 @@ def _scenario(kind: str, key: Any, mode: str, settings: BenchSettings) -> dict[s
         if "gflops_per_s" in out:
             out["conv_fraction"] = out["gflops_per_s"] / best
             out["conv_fraction_nchw"] = out["gflops_per_s"] / out["conv_microbench"]["nchw_gflops"]
+    # In a fresh worker this is its whole life's CPU time, which is what the caller's busy-time window spans.
+    out["cpu_s"] = time.process_time() if settings.isolate else time.process_time() - cpu_start
     return out
 
 
@@ -430,6 +462,8 @@ def run_benchmarks(settings: BenchSettings = BenchSettings(), log: Callable[[str
         for mode in settings.modes:
             label = f"{kind} {key} [{mode}]"
             say(f"running {label} ...")
+            idle_before = _wait_until_idle(settings.wait_idle, say) if settings.wait_idle > 0 else None
+            busy0, wall0 = _busy_seconds(), time.time()
             if settings.isolate:
                 # A fresh interpreter per scenario: its own peak RSS, no allocator state from the last one.
                 with _worker_env(settings), ProcessPoolExecutor(
@@ -437,8 +471,17 @@ def run_benchmarks(settings: BenchSettings = BenchSettings(), log: Callable[[str
                     out = pool.submit(_scenario, kind, key, mode, settings).result()
             else:
                 out = _scenario(kind, key, mode, settings)
+            busy1 = _busy_seconds()
+            if busy0 is not None and busy1 is not None:
+                # CPU time of other processes during the scenario, as a share of the machine: timings taken
+                # while this is more than a few percent are not comparable.
+                foreign = max(busy1 - busy0 - out["cpu_s"], 0.0)
+                out["foreign_cpu_share"] = foreign / (max(time.time() - wall0, 1e-9) * (os.cpu_count() or 1))
+            out["busy_before"] = idle_before
             results[mode][kind][str(key) if kind != "training" else f"batch{key}"] = out
-            say(f"  {label}: {out.get('median_s', 0.0):.3f} s, peak RSS {out.get('peak_rss_mb') or 0:.0f} MB")
+            share = out.get("foreign_cpu_share")
+            say(f"  {label}: {out.get('median_s', 0.0):.3f} s, peak RSS {out.get('peak_rss_mb') or 0:.0f} MB"
+                + ("" if share is None else f", other processes used {100 * share:.0f}% of the CPUs"))
     report: dict[str, Any] = {
         "meta": {
             "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
@@ -589,7 +632,7 @@ def format_report(report: dict[str, Any]) -> str:
              f"load at start {meta['loadavg_start']}; times are medians of {meta['settings']['repeats']} runs"]
     # Summary.
     header = ["scenario", primary] + ([other, f"{primary}/{other}"] if other else []) + \
-        [m for m in modes[2:]] + ["peak RSS", "vs reference", "conv-normalised"]
+        [m for m in modes[2:]] + ["peak RSS", "vs reference", "conv-normalised", "foreign CPU"]
     rows = []
     for task in res[primary]:
         for key, fig in res[primary][task].items():
@@ -617,6 +660,9 @@ def format_report(report: dict[str, Any]) -> str:
                 refv = _ratio(val, REFERENCE["train_step_s"])
                 norm = _normalised_ratio(fig, REFERENCE["train_step_s"])
             cells += [_fmt_r(refv), _fmt_r(norm)]
+            shares = [res[m].get(task, {}).get(key, {}).get("foreign_cpu_share") for m in modes]
+            known = [x for x in shares if x is not None]
+            cells.append(f"{100 * max(known):.0f}%" if known else "-")
             rows.append(cells)
     parts.append(_table(header, rows))
     # Stages per inference model.

@@ -301,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thp", choices=("on", "off", "inherit"), default="inherit",
                    help="THP_MEM_ALLOC_ENABLE in the scenario processes (transparent huge pages for large tensors; "
                         "needs process isolation); inherit keeps this shell's setting")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                   help="before each scenario, wait up to this long for other processes to leave the CPUs idle")
     p.add_argument("--json", default="bench_results.json", metavar="FILE", help="where to write the results JSON")
     p.add_argument("--baseline", default=None, metavar="FILE.json",
                    help="earlier results JSON to compare against (default: none)")
@@ -851,7 +853,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         train_batches=batches, train_model=args.train_model, throughput_batch=args.throughput_batch,
         threads=args.threads, fixtures=args.fixtures, random_weights=args.random_weights,
         isolate=not args.no_isolate, count_flops=not args.no_flops,
-        thp=None if args.thp == "inherit" else args.thp == "on")
+        thp=None if args.thp == "inherit" else args.thp == "on", wait_idle=args.wait_idle)
     baseline = None
     if args.baseline:
         try:
