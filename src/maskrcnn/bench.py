@@ -719,8 +719,3 @@ def write_json(report: dict[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=str))
     return path
-
-
-def settings_from_args(**kwargs: Any) -> BenchSettings:
-    """BenchSettings from keyword arguments whose None values mean "the default"."""
-    return BenchSettings(**{k: v for k, v in kwargs.items() if v is not None})
