@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from maskrcnn.config import BackboneConfig, FPNConfig
 from maskrcnn.modeling.backbone import FrozenBatchNorm2d, ResNet
-from maskrcnn.modeling.fpn import BackboneWithFPN
+from maskrcnn.modeling.fpn import BackboneWithFPN, add_upsampled_
 
 # Parameter counts of torchvision's classification models minus their final fc layer.
 TORCHVISION_PARAMS = {
@@ -62,3 +63,20 @@ def test_unsupported_depth_and_layout() -> None:
         ResNet(BackboneConfig(depth=42))
     with pytest.raises(NotImplementedError, match="c4"):
         BackboneWithFPN(BackboneConfig(depth=18, layout="c4"), FPNConfig())
+
+
+@pytest.mark.parametrize("size", [(10, 14), (9, 13)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_add_upsampled_equals_interpolate_and_add(size: tuple[int, int], channels_last: bool) -> None:
+    """The in-place broadcast over 2x2 blocks gives the bits of torchvision's ``x + interpolate(top)``."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 8, 20, 28).contiguous(memory_format=fmt)
+    top = torch.randn(2, 8, *size).contiguous(memory_format=fmt)
+    expected = x + F.interpolate(top, size=(20, 28), mode="nearest")
+    with torch.no_grad():
+        out = add_upsampled_(x.clone(), top)
+    assert torch.equal(out, expected)
+    x.requires_grad_(True)
+    assert torch.equal(add_upsampled_(x, top), expected)  # autograd: out of place, x untouched
+    assert x.grad_fn is None

@@ -236,7 +236,8 @@ class FakeModel:
     def __init__(self, gt: COCO, category_ids: tuple[int, ...]):
         self.gt, self.category_ids, self.calls = gt, category_ids, []
 
-    def predict(self, images, score_threshold=None):
+    def predict(self, images, score_threshold=None, batch_size=1):
+        assert batch_size == len(images)  # the evaluator asks for one forward pass per batch it reads
         self.calls.append((len(images), score_threshold))
         out = []
         for img in images:

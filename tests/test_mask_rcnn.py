@@ -128,6 +128,27 @@ def test_predict_returns_results_in_input_coordinates() -> None:
     assert torch.equal(results[0].boxes, results[1].boxes)
 
 
+def test_cpu_predict_runs_images_alone_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU a batch_size > 1 still gives one forward pass per image (see MaskRCNN.predict); opt-in pads."""
+    torch.manual_seed(0)
+    model = MaskRCNN(tiny_config()).eval()
+    small = (torch.rand(3, 40, 56) * 255).to(torch.uint8)
+    big = (torch.rand(3, 64, 80) * 255).to(torch.uint8)
+    passes: list[int] = []
+    detect = model.detect
+    monkeypatch.setattr(model, "detect", lambda images, *a, **k: passes.append(len(images)) or detect(images, *a, **k))
+    batched_alone = model.predict([small, big], score_threshold=0.0, batch_size=2)
+    assert passes == [1, 1]
+    alone = [model.predict(small, score_threshold=0.0)[0], model.predict(big, score_threshold=0.0)[0]]
+    for a, b in zip(batched_alone, alone):
+        assert torch.equal(a.boxes, b.boxes) and torch.equal(a.masks, b.masks)
+    passes.clear()
+    model.batch_on_cpu = True
+    padded = model.predict([small, big], score_threshold=0.0, batch_size=2)
+    assert passes == [2]
+    assert [r.image_size for r in padded] == [(40, 56), (64, 80)]
+
+
 def test_overfits_two_images() -> None:
     """A tiny ResNet-18-FPN drives its loss down on two synthetic images, then finds both objects."""
     torch.manual_seed(0)

@@ -365,7 +365,7 @@ def bench_training(batch: int, mode: str, settings: BenchSettings) -> dict[str, 
 
 
 def bench_throughput(mode: str, settings: BenchSettings) -> dict[str, Any]:
-    """Images per second of ``predict`` on ``throughput_batch`` images in one padded batch."""
+    """Images per second of ``predict(images, batch_size=throughput_batch)`` (on the CPU: one image at a time)."""
     model, source = build_model(settings.throughput_model, mode, settings)
     images = [_image(settings, i) for i in range(settings.throughput_batch)]
     n = settings.throughput_batch
@@ -374,6 +374,7 @@ def bench_throughput(mode: str, settings: BenchSettings) -> dict[str, Any]:
                         min(settings.warmup, 1))
     med = statistics.median(runs)
     return {"images_per_s": n / med, "median_s": med, "runs_s": runs, "batch": n, "weights": source,
+            "padded_batch": bool(model.batch_on_cpu or model.device.type != "cpu"),
             "peak_rss_mb": _peak_rss_mb(), "model": settings.throughput_model}
 
 

@@ -278,7 +278,8 @@ def format_per_class_table(metrics: Mapping[str, Any], columns: int = 2) -> str:
 
 
 class _Predicts(Protocol):
-    def predict(self, images: list[Any], score_threshold: float | None = None) -> list[Result]: ...
+    def predict(self, images: list[Any], score_threshold: float | None = None, batch_size: int = 1
+                ) -> list[Result]: ...
 
 
 def _read_image(path: str | Path) -> np.ndarray:
@@ -418,7 +419,7 @@ class Evaluator:
             images = [torch.from_numpy(np.ascontiguousarray(_read_image(self.image_path(i)))).permute(2, 0, 1)
                       for i in ids]
             with torch.no_grad():
-                preds = model.predict(images, score_threshold=self.score_threshold)
+                preds = model.predict(images, score_threshold=self.score_threshold, batch_size=len(images))
             if len(preds) != len(ids):
                 raise RuntimeError(f"model returned {len(preds)} results for {len(ids)} images")
             shard.append((k, [(image_id, results_to_coco(res, image_id, self._category_ids_for(res)))
