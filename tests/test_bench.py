@@ -7,6 +7,9 @@ and proposals bit for bit, and masks equal up to the mask head's float rounding;
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -164,3 +167,14 @@ def test_stage_timer_is_off_by_default() -> None:
         with stage("a"), stage("a.b"):
             pass
     assert set(timer.seconds) == {"a", "a.b"} and timer.calls["a"] == 1
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "1"), ("0", "0")])
+def test_import_turns_on_huge_pages_for_torch_unless_set(preset: str | None, expected: str) -> None:
+    """``import maskrcnn`` before torch sets THP_MEM_ALLOC_ENABLE=1 (torch reads it once); a user's value wins."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    code = "import os, maskrcnn; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected

@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count and the conv microbenchmark")
     p.add_argument("--thp", choices=("on", "off", "inherit"), default="inherit",
                    help="THP_MEM_ALLOC_ENABLE in the scenario processes (transparent huge pages for large tensors; "
-                        "needs process isolation); inherit keeps this shell's setting")
+                        "needs process isolation); inherit keeps this process's setting, which maskrcnn turns on "
+                        "unless THP_MEM_ALLOC_ENABLE is set")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                    help="before each scenario, wait up to this long for other processes to leave the CPUs idle")
     p.add_argument("--json", default="bench_results.json", metavar="FILE", help="where to write the results JSON")
