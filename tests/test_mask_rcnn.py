@@ -10,6 +10,7 @@ import torch
 from conftest import assert_close_f32
 
 from maskrcnn.config import Config, apply_overrides, get_preset
+from maskrcnn.modeling import mask_rcnn as model_mod
 from maskrcnn.modeling.mask_rcnn import LOSS_KEYS, MaskRCNN, resize_boxes, to_chw_float
 
 
@@ -169,3 +170,29 @@ def test_overfits_two_images() -> None:
     assert tail < 0.35 * history[0], (history[0], tail)
     result = model.predict(data[0][0], score_threshold=0.5)[0]
     assert sorted(result.labels.tolist())[:2] == [1, 2]
+
+
+def test_compile_is_opt_in_and_close_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """optimize(compile=True) runs the body and FPN through torch.compile; results stay close; off restores eager."""
+    torch.manual_seed(0)
+    model = MaskRCNN(tiny_config()).eval()
+    img, _ = synthetic_pair(3)
+    x = model.preprocess([img.float() / 255], resize=False)[0]
+    with torch.no_grad():
+        eager = model.backbone(x)
+    if model_mod._cpp_compiler() is None:
+        with pytest.raises(RuntimeError, match="C\\+\\+ compiler"):
+            model.optimize(compile=True)
+        return
+    keys = set(model.state_dict())
+    model.optimize(compile=True)
+    assert model.compiled and set(model.state_dict()) == keys
+    with torch.no_grad():
+        compiled = model.backbone(x)
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-4)
+    model.optimize()
+    assert not model.compiled and model.backbone.__dict__["_compiled"] is None
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.raises(RuntimeError, match="C\\+\\+ compiler"):
+        model.optimize(compile=True)

@@ -210,3 +210,21 @@ def test_summary_numbers(tmp_path: Path) -> None:
     assert summary.json_path == tmp_path / "res" / "r.json" and summary.json_path.is_file()
     assert summary.detections == 3 and summary.images_per_second > 0
     assert "1 images, 0 skipped, 3 detections" in summary.format()
+
+
+def test_cli_fast_math_predicts_like_the_exact_path(fixtures_dir: Path, fixture_images: Path, tmp_path: Path) -> None:
+    """``maskrcnn predict --fast-math`` loads the opt-in path and finds the exact path's detections."""
+    from maskrcnn.cli import main
+
+    weights = str(fixtures_dir / FIXTURE_MODEL / "weights.pth")
+    image = str(fixture_images)
+    runs = {}
+    for flag in ([], ["--fast-math"]):
+        out = tmp_path / ("fm" if flag else "exact")
+        assert main(["predict", "--weights", weights, image, "--out", str(out), "--device", "cpu",
+                     "--min-size", "320", "--max-size", "512", "--score-threshold", "0.2", *flag]) == 0
+        runs[bool(flag)] = json.loads((out / "predictions.json").read_text())
+    exact, fast = runs[False], runs[True]
+    assert len(exact) == len(fast) > 0
+    assert [r["category_id"] for r in exact] == [r["category_id"] for r in fast]
+    np.testing.assert_allclose([r["bbox"] for r in fast], [r["bbox"] for r in exact], atol=0.05)

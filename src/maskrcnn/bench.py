@@ -53,8 +53,9 @@ REFERENCE: dict[str, Any] = {
 }
 
 MODELS = ("r50_fpn_v1", "r50_fpn_v2", "r18_fpn")
-# "fast" is load_model's default; "fast_math" adds norm folding and channels-last everywhere (not bit-exact).
-MODES = ("fast", "naive", "fast_math")
+# "fast" is load_model's default; "fast_math" adds norm folding and channels-last everywhere (not bit-exact);
+# "compile" is "fast" with the body and FPN of inference through torch.compile (not bit-exact; no training).
+MODES = ("fast", "naive", "fast_math", "compile")
 TASKS = ("inference", "training", "throughput")
 TOP_STAGES = ("transform", "backbone", "fpn", "rpn", "box_head", "mask_head", "paste")
 
@@ -247,7 +248,7 @@ def build_model(name: str, mode: str, settings: BenchSettings) -> tuple[Any, str
     if state is not None:
         model.load_state_dict(state, strict=False)
     model.eval()
-    model.optimize(mode != "naive", fast_math=mode == "fast_math")
+    model.optimize(mode != "naive", fast_math=mode == "fast_math", compile=mode == "compile")
     return model, source
 
 
@@ -461,6 +462,8 @@ def run_benchmarks(settings: BenchSettings = BenchSettings(), log: Callable[[str
     for kind, key in plan:
         # Modes interleave per scenario so that a drift in machine load hits them alike.
         for mode in settings.modes:
+            if kind == "training" and mode == "compile":
+                continue  # compile applies to inference only; its training step is the fast one
             label = f"{kind} {key} [{mode}]"
             say(f"running {label} ...")
             idle_before = _wait_until_idle(settings.wait_idle, say) if settings.wait_idle > 0 else None

@@ -123,6 +123,15 @@ def _add_sizes(p: argparse.ArgumentParser) -> None:
                    help="cap the longer image side at this many pixels (default: the model's config)")
 
 
+def _add_speed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fast-math", action="store_true",
+                   help="fold norms into convs and run channels-last: ~20%% faster on CPU, features differ from "
+                        "torchvision's by ~1e-6 relative (default: off, bit-exact fast path)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbone and FPN (needs a C++ compiler on CPU): slower start, some "
+                        "percent faster per image, not bit-exact (default: off)")
+
+
 def _add_overrides(p: argparse.ArgumentParser, what: str,
                    example: str = "solver.max_iter=300 input.min_size_train=[640]") -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -156,8 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None, metavar="NAMES",
                    help="comma-separated class names to keep, e.g. person,car (default: all classes)")
     _add_device(p)
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass")
+    p.add_argument("--batch-size", type=_positive_int, default=1,
+                   help="images per forward pass on a GPU (on the CPU images always run one at a time)")
     _add_sizes(p)
+    _add_speed(p)
     p.add_argument("--save-masks", action="store_true", help="also write one PNG per instance under OUT/masks/")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="where to write the COCO results JSON (default: OUT/predictions.json)")
@@ -218,8 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json and results.json")
     _add_device(p)
     _add_devices(p)
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass")
+    p.add_argument("--batch-size", type=_positive_int, default=1,
+                   help="images per forward pass on a GPU (on the CPU images always run one at a time)")
     _add_sizes(p)
+    _add_speed(p)
     p.add_argument("--per-class", action="store_true", help="also print the AP of each class")
     _add_overrides(p, "to the checkpoint's config (test-time keys)",
                    example="model.box_head.score_thresh=0.01 model.box_head.detections_per_img=50")
@@ -413,7 +426,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not paths:
         details = "; ".join(f"{s}: {why}" for s, why in problems)
         raise CLIError(f"no images found ({details})")
-    model = load_model(args.weights, min_size=args.min_size, max_size=args.max_size, device=args.device)
+    model = load_model(args.weights, min_size=args.min_size, max_size=args.max_size, device=args.device,
+                       fast_math=args.fast_math, compile=args.compile)
     predictor = Predictor(model, score_threshold=args.score_threshold, classes=_split_names(args.classes),
                           batch_size=args.batch_size, save_masks=args.save_masks)
     summary = predictor.run(args.sources, args.out, json_path=args.json, recursive=args.recursive)
@@ -715,7 +729,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with du.distributed_session(args.device, TrainConfig().dist_timeout_s):
         _quiet_unless_main()
         model = load_model(args.weights, min_size=args.min_size, max_size=args.max_size,
-                           device=_worker_device(args.device))
+                           device=_worker_device(args.device), fast_math=args.fast_math, compile=args.compile)
         model = _apply_model_overrides(model, args.overrides)
         metrics = evaluate_to(model, args.data, args.images, args.out, batch_size=args.batch_size)
         if du.get_rank() != 0:

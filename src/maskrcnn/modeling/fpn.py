@@ -82,9 +82,18 @@ class BackboneWithFPN(nn.Module):
         self.fpn = FeaturePyramidNetwork(self.body.out_channels, fpn_cfg)
         self.out_channels = fpn_cfg.out_channels
 
+    def set_compiled(self, enabled: bool) -> None:
+        """Run body and FPN through ``torch.compile`` outside autograd (on) or eagerly always (off)."""
+        # Compiled bound methods in __dict__: compiled module wrappers registered as submodules would rename
+        # the state dict's keys (``_orig_mod``).
+        self.__dict__["_compiled"] = (torch.compile(self.body.forward), torch.compile(self.fpn.forward)
+                                      ) if enabled else None
+
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         """(N, 3, H, W) normalised batch -> {"0": P2 (stride 4), ..., "3": P5, "pool": P6}."""
+        compiled = self.__dict__.get("_compiled")
+        body, fpn = compiled if compiled is not None and not torch.is_grad_enabled() else (self.body, self.fpn)
         with stage("backbone"):
-            feats = self.body(x)
+            feats = body(x)
         with stage("fpn"):
-            return self.fpn(feats)
+            return fpn(feats)
