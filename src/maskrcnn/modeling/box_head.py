@@ -7,12 +7,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.config import BoxHeadConfig
-from maskrcnn.modeling.backbone import conv_norm_act, make_norm
+from maskrcnn.modeling.backbone import conv_stack, linear_act, make_norm
 from maskrcnn.ops.boxes import BoxCoder, batched_nms, clip_boxes_to_image, remove_small_boxes
 
 
 class TwoMLPHead(nn.Module):
     """Flatten, then two fully connected layers with ReLU (torchvision v1, FPN paper)."""
+
+    fast = False
 
     def __init__(self, in_features: int, fc_dim: int) -> None:
         """``in_features`` = C * 7 * 7 pooled inputs; ``fc_dim`` = 1024."""
@@ -24,34 +26,39 @@ class TwoMLPHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(R, C, 7, 7) -> (R, fc_dim)."""
         x = x.flatten(start_dim=1)
+        if self.fast:
+            return linear_act(linear_act(x, self.fc6, relu=True), self.fc7, relu=True)
         return F.relu(self.fc7(F.relu(self.fc6(x))))
 
 
 class ConvFCHead(nn.Sequential):
     """``num_convs`` conv3x3+norm+ReLU, flatten, one FC + ReLU (torchvision v2's FastRCNNConvFCHead)."""
 
+    fast = False
+
     def __init__(self, in_channels: int, resolution: int, cfg: BoxHeadConfig) -> None:
         """Convs of ``cfg.conv_dim`` channels, then an FC of ``cfg.fc_dim``; indices match torchvision's keys."""
         norm = None if cfg.norm == "none" else make_norm(cfg.norm, cfg.norm_eps)
-        layers: list[nn.Module] = []
-        prev = in_channels
-        for _ in range(cfg.num_convs):
-            layers.append(conv_norm_act(prev, cfg.conv_dim, 3, norm, relu=True))
-            prev = cfg.conv_dim
-        layers.append(nn.Flatten())
-        layers.append(nn.Linear(prev * resolution * resolution, cfg.fc_dim))
-        layers.append(nn.ReLU(inplace=True))
-        super().__init__(*layers)
+        convs = conv_stack(in_channels, cfg.num_convs, cfg.conv_dim, norm)
+        channels = cfg.conv_dim if convs else in_channels
+        super().__init__(*convs, nn.Flatten(), nn.Linear(channels * resolution * resolution, cfg.fc_dim),
+                         nn.ReLU(inplace=True))
         self.out_features = cfg.fc_dim
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        """(R, C, 7, 7) -> (R, fc_dim)."""
+        if not self.fast:
+            return super().forward(x)
+        *convs, flatten, fc, _ = self
+        for conv in convs:
+            x = conv(x)
+        return linear_act(flatten(x), fc, relu=True)
 
 
 class FastRCNNPredictor(nn.Module):
     """Linear classifier over K+1 classes and per-class box deltas (K+1) * 4."""
+
+    fast = False
 
     def __init__(self, in_features: int, num_classes_with_bg: int) -> None:
         """``num_classes_with_bg`` includes the background class (index 0)."""
@@ -62,6 +69,8 @@ class FastRCNNPredictor(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(R, F) -> class logits (R, K+1) and deltas (R, 4(K+1))."""
         x = x.flatten(start_dim=1)
+        if self.fast:
+            return linear_act(x, self.cls_score, relu=False), linear_act(x, self.bbox_pred, relu=False)
         return self.cls_score(x), self.bbox_pred(x)
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.config import MaskHeadConfig
-from maskrcnn.modeling.backbone import conv_norm_act, make_norm
+from maskrcnn.modeling.backbone import conv_stack, make_norm
 from maskrcnn.ops.masks import roi_mask_targets
 
 
@@ -19,18 +19,8 @@ class MaskRCNNHeads(nn.Sequential):
     def __init__(self, in_channels: int, cfg: MaskHeadConfig) -> None:
         """Convs of ``cfg.conv_dim`` channels with ``cfg.dilation``; BN/GN when ``cfg.norm`` is set (v2)."""
         norm = None if cfg.norm == "none" else make_norm(cfg.norm, cfg.norm_eps)
-        layers = []
-        prev = in_channels
-        for _ in range(cfg.num_convs):
-            layers.append(conv_norm_act(prev, cfg.conv_dim, 3, norm, relu=True, dilation=cfg.dilation))
-            prev = cfg.conv_dim
-        super().__init__(*layers)
-        self.out_channels = prev
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        super().__init__(*conv_stack(in_channels, cfg.num_convs, cfg.conv_dim, norm, cfg.dilation))
+        self.out_channels = cfg.conv_dim if cfg.num_convs else in_channels
 
 
 class MaskRCNNPredictor(nn.Sequential):

@@ -127,11 +127,13 @@ class MaskRCNN(nn.Module):
     def optimize(self, enabled: bool = True, fast_math: bool = False, compile: bool = False) -> MaskRCNN:
         """Switch the fast path on (``load_model``'s default) or off (``enabled=False``: the naive path); returns self.
 
-        The fast path keeps torchvision's arithmetic up to the RoI heads, so boxes, scores and features stay bit
+        The fast path keeps torchvision's arithmetic up to the RoI heads, so features and proposals stay bit
         for bit those of the naive path: norms, residual adds and ReLUs run in place on each conv's output, RoI
-        features are written in place. After that it takes the liberties whose effect stays far inside the
-        parity tolerances: the mask head runs channels-last with its norms folded, computes only the predicted
-        class's logits, and masks are pasted per box window. ``fast_math`` also folds every norm into its conv,
+        features are written in place. In the RoI heads it takes the liberties whose effect stays far inside
+        the parity tolerances (last-bit differences in scores and boxes): fully connected layers run on
+        oneDNN's matmul instead of MKL's, conv towers (v2 box head, mask head) run channels-last with their
+        norms folded, the mask head computes only the predicted class's logits, and masks are pasted per box
+        window. ``fast_math`` also folds every norm into its conv,
         fuses bias + residual + ReLU into the oneDNN conv and runs the whole model channels-last: faster, but
         features then differ from torchvision's by ~1e-6 relative, which can move a box across a pixel
         boundary of the paste or reorder proposals with near-equal scores. Parameters, state-dict keys and
@@ -154,14 +156,19 @@ class MaskRCNN(nn.Module):
         set_fast_path(self, enabled, fold=self.fast_math)
         self.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         heads = self.roi_heads
+        fmt = torch.channels_last if enabled else torch.contiguous_format
         if heads.mask_head is not None and heads.mask_roi_pool is not None and heads.mask_predictor is not None:
             set_fast_path(heads.mask_head, enabled, fold=enabled)
-            fmt = torch.channels_last if enabled else torch.contiguous_format
             heads.mask_head.to(memory_format=fmt)
             heads.mask_predictor.to(memory_format=fmt)
             heads.mask_roi_pool.channels_last_output = enabled
-        # An MLP box head flattens its input in NCHW order; a conv head wants channels-last like the mask head.
-        heads.box_roi_pool.channels_last_output = self.channels_last and isinstance(heads.box_head, ConvFCHead)
+        # An MLP box head flattens its input in NCHW order; a conv head runs channels-last with folded norms
+        # like the mask head.
+        conv_box_head = isinstance(heads.box_head, ConvFCHead)
+        if conv_box_head:
+            set_fast_path(heads.box_head, enabled, fold=enabled)
+            heads.box_head.to(memory_format=fmt)
+        heads.box_roi_pool.channels_last_output = enabled and conv_box_head
         return self
 
     @property
