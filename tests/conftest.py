@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,3 +71,25 @@ def assert_close_f32(actual, expected, atol: float = 1e-5, ulps: int = 2, what: 
     assert not bool(bad.any()), (f"{what}: {int(bad.sum())} values off; max error {err.max().item():.3g} "
                                  f"(bound {atol} + {ulps} ulp)")
     return float(err.max()) if err.numel() else 0.0
+
+
+def uncompressed_rle(bitmap: np.ndarray) -> list[int]:
+    """COCO's uncompressed RLE counts of an (H, W) 0/1 bitmap: column-major run lengths starting with zeros."""
+    runs, cur, n = [], 0, 0
+    for v in bitmap.flatten(order="F"):
+        if v != cur:
+            runs.append(n)
+            cur, n = v, 0
+        n += 1
+    runs.append(n)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: on a busy 2-core runner, OpenMP threads spin-waiting on each other
+    make the convolutions several times slower than a single thread does."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

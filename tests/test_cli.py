@@ -23,14 +23,7 @@ TINY_SIZES = ["input.min_size_train=[64]", "input.max_size_train=96", "input.min
               "input.max_size_test=96"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread for this module: on a busy 2-core runner, OpenMP threads spin-waiting on each other
-    make the convolutions several times slower than a single thread does."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()):

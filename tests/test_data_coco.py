@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import uncompressed_rle
 from PIL import Image
 
 from maskrcnn.data.coco import CocoDataset, DatasetError
@@ -153,14 +154,7 @@ def test_rle_segmentations(tmp_path):
     mask[0, 3:7, 4:9] = 1
     compressed = encode_rle(mask)[0]
     # Uncompressed RLE: column-major run lengths starting with zeros.
-    flat = mask[0].flatten(order="F")
-    runs, cur, n = [], 0, 0
-    for v in flat:
-        if v != cur:
-            runs.append(n)
-            cur, n = v, 0
-        n += 1
-    runs.append(n)
+    runs = uncompressed_rle(mask[0])
     anns = [
         {"id": 1, "image_id": 1, "category_id": 5, "segmentation": compressed, "bbox": [4, 3, 5, 4], "iscrowd": 0},
         {"id": 2, "image_id": 1, "category_id": 1, "segmentation": {"size": [H, W], "counts": runs},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_f32
+from conftest import assert_close_f32, uncompressed_rle
 
 from maskrcnn.ops.masks import (
     encode_rle,
@@ -67,14 +67,7 @@ def test_polygon_rle_codecs_round_trip() -> None:
     assert np.array_equal(rle_to_bitmap(rle, 16, 20), bm)
     assert np.array_equal(segmentation_to_bitmap(rle, 16, 20), bm)
     # Uncompressed RLE: column-major run lengths starting with zeros.
-    flat = bm.flatten(order="F")
-    runs, cur, n = [], 0, 0
-    for v in flat:
-        if v != cur:
-            runs.append(n)
-            cur, n = v, 0
-        n += 1
-    runs.append(n)
+    runs = uncompressed_rle(bm)
     assert np.array_equal(segmentation_to_bitmap({"size": [16, 20], "counts": runs}, 16, 20), bm)
 
 

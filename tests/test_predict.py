@@ -20,14 +20,7 @@ from maskrcnn.structures import Result
 FIXTURE_MODEL = "torchvision/maskrcnn_r50_fpn_v1"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread for this module: on a busy 2-core runner, OpenMP threads spin-waiting on each other
-    make the convolutions several times slower than a single thread does."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

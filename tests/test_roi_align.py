@@ -44,6 +44,16 @@ def _bilinear(y: float, x: float, height: int, width: int) -> list[tuple[int, in
     return [(y_low, x_low, hy * hx), (y_low, x_high, hy * lx), (y_high, x_low, ly * hx), (y_high, x_high, ly * lx)]
 
 
+def _lists(x: torch.Tensor, rois: torch.Tensor, out_hw: tuple[int, int], grad_out: torch.Tensor
+           ) -> tuple[list, list, list, list]:
+    """Inputs as nested lists and zeroed nested lists for the output (K, C, oh, ow) and input gradient."""
+    n, c, h, w = x.shape
+    oh, ow = out_hw
+    out = [[[[0.0] * ow for _ in range(oh)] for _ in range(c)] for _ in range(rois.shape[0])]
+    grad = [[[[0.0] * w for _ in range(h)] for _ in range(c)] for _ in range(n)]
+    return x.tolist(), grad_out.tolist(), out, grad
+
+
 def _ref_roi_align(
     x: torch.Tensor,
     rois: torch.Tensor,
@@ -56,10 +66,7 @@ def _ref_roi_align(
     """Forward output (K, C, oh, ow) and input gradient (N, C, H, W) for a float64 case."""
     n, c, h, w = x.shape
     oh, ow = out_hw
-    feats = x.tolist()
-    g = grad_out.tolist()
-    out = [[[[0.0] * ow for _ in range(oh)] for _ in range(c)] for _ in range(rois.shape[0])]
-    grad = [[[[0.0] * w for _ in range(h)] for _ in range(c)] for _ in range(n)]
+    feats, g, out, grad = _lists(x, rois, out_hw, grad_out)
     for k, (b, x1, y1, x2, y2) in enumerate(rois.tolist()):
         b = int(b)
         offset = 0.5 if aligned else 0.0
@@ -97,10 +104,7 @@ def _ref_roi_pool(
     """Forward output and input gradient of torchvision's CPU RoIPool for a float64 case."""
     n, c, h, w = x.shape
     oh, ow = out_hw
-    feats = x.tolist()
-    g = grad_out.tolist()
-    out = [[[[0.0] * ow for _ in range(oh)] for _ in range(c)] for _ in range(rois.shape[0])]
-    grad = [[[[0.0] * w for _ in range(h)] for _ in range(c)] for _ in range(n)]
+    feats, g, out, grad = _lists(x, rois, out_hw, grad_out)
     for k, (b, x1, y1, x2, y2) in enumerate(rois.tolist()):
         b = int(b)
         sx, sy, ex, ey = (_c_round(v * scale) for v in (x1, y1, x2, y2))

@@ -123,7 +123,10 @@ def _add_sizes(p: argparse.ArgumentParser) -> None:
                    help="cap the longer image side at this many pixels (default: the model's config)")
 
 
-def _add_speed(p: argparse.ArgumentParser) -> None:
+def _add_inference(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=_positive_int, default=1,
+                   help="images per forward pass on a GPU (on the CPU images always run one at a time)")
+    _add_sizes(p)
     p.add_argument("--fast-math", action="store_true",
                    help="fold norms into convs and run channels-last: ~20%% faster on CPU, features differ from "
                         "torchvision's by ~1e-6 relative (default: off, bit-exact fast path)")
@@ -165,10 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None, metavar="NAMES",
                    help="comma-separated class names to keep, e.g. person,car (default: all classes)")
     _add_device(p)
-    p.add_argument("--batch-size", type=_positive_int, default=1,
-                   help="images per forward pass on a GPU (on the CPU images always run one at a time)")
-    _add_sizes(p)
-    _add_speed(p)
+    _add_inference(p)
     p.add_argument("--save-masks", action="store_true", help="also write one PNG per instance under OUT/masks/")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="where to write the COCO results JSON (default: OUT/predictions.json)")
@@ -229,10 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json and results.json")
     _add_device(p)
     _add_devices(p)
-    p.add_argument("--batch-size", type=_positive_int, default=1,
-                   help="images per forward pass on a GPU (on the CPU images always run one at a time)")
-    _add_sizes(p)
-    _add_speed(p)
+    _add_inference(p)
     p.add_argument("--per-class", action="store_true", help="also print the AP of each class")
     _add_overrides(p, "to the checkpoint's config (test-time keys)",
                    example="model.box_head.score_thresh=0.01 model.box_head.detections_per_img=50")

@@ -130,32 +130,24 @@ class WeightsEntry:
         return len(self.sha256) < 64
 
 
-REGISTRY: dict[str, WeightsEntry] = {
-    "maskrcnn_resnet50_fpn": WeightsEntry(
-        name="maskrcnn_resnet50_fpn",
-        url="https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth",
-        sha256="bf2d0c1e",  # prefix from the file name; the full digest is not recorded (module docstring)
-        format="torchvision",
-        preset="torchvision_v1",
-        num_classes=len(TORCHVISION_COCO_CLASS_NAMES),
-        class_names=TORCHVISION_COCO_CLASS_NAMES,
-        box_ap=37.9,
-        mask_ap=34.6,
-        description="Mask R-CNN ResNet-50-FPN, torchvision v1 weights (COCO train2017)",
-    ),
-    "maskrcnn_resnet50_fpn_v2": WeightsEntry(
-        name="maskrcnn_resnet50_fpn_v2",
-        url="https://download.pytorch.org/models/maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth",
-        sha256="73cbd019",  # prefix from the file name; the full digest is not recorded (module docstring)
-        format="torchvision",
-        preset="torchvision_v2",
-        num_classes=len(TORCHVISION_COCO_CLASS_NAMES),
-        class_names=TORCHVISION_COCO_CLASS_NAMES,
-        box_ap=47.4,
-        mask_ap=41.8,
-        description="Mask R-CNN ResNet-50-FPN v2 (improved recipe), torchvision weights (COCO train2017)",
-    ),
-}
+def _torchvision_coco(name: str, file_hash: str, preset: str, box_ap: float, mask_ap: float,
+                      description: str) -> WeightsEntry:
+    """A torchvision COCO checkpoint from download.pytorch.org, whose file name carries its SHA-256 prefix."""
+    return WeightsEntry(
+        name=name,
+        url=f"https://download.pytorch.org/models/{name}_coco-{file_hash}.pth",
+        sha256=file_hash,  # prefix from the file name; the full digest is not recorded (module docstring)
+        format="torchvision", preset=preset,
+        num_classes=len(TORCHVISION_COCO_CLASS_NAMES), class_names=TORCHVISION_COCO_CLASS_NAMES,
+        box_ap=box_ap, mask_ap=mask_ap, description=description)
+
+
+REGISTRY: dict[str, WeightsEntry] = {e.name: e for e in (
+    _torchvision_coco("maskrcnn_resnet50_fpn", "bf2d0c1e", "torchvision_v1", 37.9, 34.6,
+                      "Mask R-CNN ResNet-50-FPN, torchvision v1 weights (COCO train2017)"),
+    _torchvision_coco("maskrcnn_resnet50_fpn_v2", "73cbd019", "torchvision_v2", 47.4, 41.8,
+                      "Mask R-CNN ResNet-50-FPN v2 (improved recipe), torchvision weights (COCO train2017)"),
+)}
 
 
 def register(entry: WeightsEntry, overwrite: bool = False) -> None:

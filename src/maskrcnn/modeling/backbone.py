@@ -39,25 +39,24 @@ class FrozenBatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(N, C, H, W) -> (N, C, H, W): x * scale + shift, computed as torchvision does (rsqrt of var + eps)."""
+    def scale_shift(self) -> tuple[Tensor, Tensor]:
+        """(1, C, 1, 1) scale and shift, computed as torchvision does (rsqrt of var + eps)."""
         w = self.weight.reshape(1, -1, 1, 1)
         b = self.bias.reshape(1, -1, 1, 1)
         rv = self.running_var.reshape(1, -1, 1, 1)
         rm = self.running_mean.reshape(1, -1, 1, 1)
         scale = w * (rv + self.eps).rsqrt()
-        bias = b - rm * scale
-        return x * scale + bias
+        return scale, b - rm * scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, C, H, W): x * scale + shift."""
+        scale, shift = self.scale_shift()
+        return x * scale + shift
 
     def forward_(self, x: Tensor) -> Tensor:
         """In-place :meth:`forward` on (N, C, H, W) ``x`` (same operations, same rounding, no new tensor)."""
-        w = self.weight.reshape(1, -1, 1, 1)
-        b = self.bias.reshape(1, -1, 1, 1)
-        rv = self.running_var.reshape(1, -1, 1, 1)
-        rm = self.running_mean.reshape(1, -1, 1, 1)
-        scale = w * (rv + self.eps).rsqrt()
-        bias = b - rm * scale
-        return x.mul_(scale).add_(bias)
+        scale, shift = self.scale_shift()
+        return x.mul_(scale).add_(shift)
 
     def extra_repr(self) -> str:
         """Module summary line."""
@@ -278,12 +277,36 @@ def conv_stack(in_channels: int, num_convs: int, conv_dim: int, norm: Callable[[
     return layers
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+    """conv-norm-ReLU pairs, the last one's ReLU after adding the (optionally downsampled) input."""
+
+    fast = False
+    fold = False
+    downsample: nn.Module | None
+    relu: nn.ReLU
+
+    def conv_norm_pairs(self) -> list[tuple[nn.Conv2d, nn.Module]]:
+        """The block's (conv, norm) pairs in order."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, Cin, H, W) -> (N, Cout, H/stride, W/stride)."""
+        identity = x if self.downsample is None else self.downsample(x)
+        *inner, (conv, norm) = self.conv_norm_pairs()
+        out = x
+        if self.fast:
+            for c, n in inner:
+                out = conv_norm_act_forward(out, c, n, relu=True, fold=self.fold)
+            return conv_norm_act_forward(out, conv, norm, relu=True, residual=identity, fold=self.fold)
+        for c, n in inner:
+            out = self.relu(n(c(out)))
+        return self.relu(norm(conv(out)) + identity)
+
+
+class BasicBlock(_ResidualBlock):
     """Two 3x3 convs with a residual (ResNet-18/34)."""
 
     expansion = 1
-    fast = False
-    fold = False
 
     def __init__(self, inplanes: int, planes: int, stride: int, downsample: nn.Module | None,
                  norm: Callable[[int], nn.Module], groups: int = 1, base_width: int = 64) -> None:
@@ -298,23 +321,15 @@ class BasicBlock(nn.Module):
         self.bn2 = norm(planes)
         self.downsample = downsample
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(N, Cin, H, W) -> (N, planes, H/stride, W/stride)."""
-        identity = x if self.downsample is None else self.downsample(x)
-        if self.fast:
-            out = conv_norm_act_forward(x, self.conv1, self.bn1, relu=True, fold=self.fold)
-            return conv_norm_act_forward(out, self.conv2, self.bn2, relu=True, residual=identity, fold=self.fold)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+    def conv_norm_pairs(self) -> list[tuple[nn.Conv2d, nn.Module]]:
+        """(conv1, bn1), (conv2, bn2)."""
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
     """1x1 -> 3x3 (strided, grouped) -> 1x1 with a residual (ResNet-50+ and ResNeXt)."""
 
     expansion = 4
-    fast = False
-    fold = False
 
     def __init__(self, inplanes: int, planes: int, stride: int, downsample: nn.Module | None,
                  norm: Callable[[int], nn.Module], groups: int = 1, base_width: int = 64) -> None:
@@ -330,17 +345,9 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(N, Cin, H, W) -> (N, 4*planes, H/stride, W/stride)."""
-        identity = x if self.downsample is None else self.downsample(x)
-        if self.fast:
-            out = conv_norm_act_forward(x, self.conv1, self.bn1, relu=True, fold=self.fold)
-            out = conv_norm_act_forward(out, self.conv2, self.bn2, relu=True, fold=self.fold)
-            return conv_norm_act_forward(out, self.conv3, self.bn3, relu=True, residual=identity, fold=self.fold)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+    def conv_norm_pairs(self) -> list[tuple[nn.Conv2d, nn.Module]]:
+        """(conv1, bn1), (conv2, bn2), (conv3, bn3)."""
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
 
 
 class ResNet(nn.Module):
