@@ -217,6 +217,10 @@ class TrainConfig:
     # Longest wait, in seconds, for another rank in a collective (multi-process runs): a rank that died or hangs
     # then stops the others with an error. Must exceed the slowest rank-0-only step (checkpoint, COCO metrics).
     dist_timeout_s: float = 1800.0
+    # Activations in channels-last memory layout during training (parameters stay NCHW, so inference keeps its
+    # exact NCHW arithmetic): oneDNN's channels-last conv backward is faster (R50-FPN step on 2 CPU cores
+    # 4.22 -> 3.85 s); the GroupNorm demo model gains nothing from it, so its preset turns it off.
+    channels_last: bool = True
 
 
 @dataclass(frozen=True)
@@ -282,7 +286,7 @@ def _r18_fpn_demo() -> Config:
     inp = InputConfig(min_size_train=(176, 192, 208), max_size_train=320, min_size_test=192, max_size_test=320)
     solver = SolverConfig(optimizer="adamw", base_lr=1e-3, ims_per_batch=2, reference_batch_size=2, max_iter=2000,
                           steps=(1600, 1900), warmup_iters=50)
-    train = TrainConfig(checkpoint_period=500, log_period=20, num_workers=0)
+    train = TrainConfig(checkpoint_period=500, log_period=20, num_workers=0, channels_last=False)
     return Config(name="r18_fpn_demo", model=model, input=inp, solver=solver, train=train)
 
 
