@@ -121,7 +121,7 @@ def test_fast_math_is_close_and_state_dict_untouched() -> None:
     torch.testing.assert_close(out2["features"]["0"], ref2["features"]["0"], atol=1e-3, rtol=1e-4)
 
 
-def test_training_losses_equal_naive() -> None:
+def test_training_losses_close_to_naive() -> None:
     model = _frozen_bn_tiny()
     model.train()
     img = (_image(2) * 255).to(torch.uint8)
@@ -136,11 +136,8 @@ def test_training_losses_equal_naive() -> None:
         model.zero_grad()
         total.backward()
         losses[fast] = (out, [p.grad.clone() for p in model.parameters() if p.requires_grad])
-    for k in losses[False][0]:
-        if k == "loss_mask":  # the mask head runs channels-last on the fast path: rounding differs
-            torch.testing.assert_close(losses[True][0][k], losses[False][0][k], atol=1e-6, rtol=1e-5)
-        else:
-            assert torch.equal(losses[True][0][k], losses[False][0][k]), k
+    for k in losses[False][0]:  # the fast path trains channels-last (train.channels_last): rounding differs
+        torch.testing.assert_close(losses[True][0][k], losses[False][0][k], atol=1e-6, rtol=1e-5)
     for g1, g0 in zip(losses[True][1], losses[False][1]):
         torch.testing.assert_close(g1, g0, atol=1e-5, rtol=1e-4)
 

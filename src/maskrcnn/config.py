@@ -217,9 +217,9 @@ class TrainConfig:
     # Longest wait, in seconds, for another rank in a collective (multi-process runs): a rank that died or hangs
     # then stops the others with an error. Must exceed the slowest rank-0-only step (checkpoint, COCO metrics).
     dist_timeout_s: float = 1800.0
-    # Activations in channels-last memory layout during training (parameters stay NCHW, so inference keeps its
-    # exact NCHW arithmetic): oneDNN's channels-last conv backward is faster (R50-FPN step on 2 CPU cores
-    # 4.22 -> 3.85 s); the GroupNorm demo model gains nothing from it, so its preset turns it off.
+    # Activations in channels-last memory layout during training on the fast path (parameters stay NCHW, so
+    # inference keeps its exact NCHW arithmetic): oneDNN's channels-last conv backward is faster (R50-FPN step
+    # on 2 CPU cores 4.22 -> 3.85 s); the GroupNorm demo model gains nothing from it, so its preset turns it off.
     channels_last: bool = True
 
 

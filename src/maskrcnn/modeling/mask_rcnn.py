@@ -218,7 +218,8 @@ class MaskRCNN(nn.Module):
 
         Detections are in resized-image pixels (before mapping back to the input image).
         """
-        if self.channels_last or (self.training and torch.is_grad_enabled() and self.cfg.train.channels_last):
+        if self.channels_last or (self.fast and self.training and torch.is_grad_enabled()
+                                  and self.cfg.train.channels_last):
             batch = batch.contiguous(memory_format=torch.channels_last)
         features = self.backbone(batch)
         feats = list(features.values())
