@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import assert_close_f32
 
+from maskrcnn.ops import boxes as boxes_mod
 from maskrcnn.ops.boxes import (
     BoxCoder,
     batched_nms,
@@ -70,10 +72,13 @@ def test_nms_keep_lists_identical(ops_fixture: dict) -> None:
         assert torch.equal(batched_nms(c["boxes"], c["scores"], c["idxs"], c["iou_threshold"]), c["keep_batched"])
 
 
-def test_nms_equals_brute_force_with_ties() -> None:
+@pytest.mark.parametrize("block", [7, 64, 256])
+def test_nms_equals_brute_force_with_ties(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Greedy NMS, whatever the row-block size of the suppression matrix (one block, several, many)."""
+    monkeypatch.setattr(boxes_mod, "NMS_BLOCK", block)
     g = torch.Generator().manual_seed(3)
-    for n, thr in [(1, 0.5), (30, 0.3), (120, 0.5), (300, 0.7)]:
-        xy = torch.rand(n, 2, generator=g) * 60
+    for n, thr, spread in [(1, 0.5, 60), (30, 0.3, 60), (120, 0.5, 60), (300, 0.7, 60), (400, 0.5, 8)]:
+        xy = torch.rand(n, 2, generator=g) * spread  # spread 8: long suppression chains across blocks
         boxes = torch.cat([xy, xy + 5 + torch.rand(n, 2, generator=g) * 30], 1)
         scores = (torch.rand(n, generator=g) * 10).round() / 10  # many exact ties
         boxes[n // 2:n // 2 + 3] = boxes[0]  # identical boxes

@@ -101,43 +101,60 @@ class BoxCoder:
 # Non-maximum suppression
 
 
-def _suppression_matrix(boxes: Tensor, iou_threshold: float) -> Tensor:
-    """(N, N) bool: box i suppresses box j (i < j in the given order) when IoU > threshold.
+NMS_BLOCK = 256  # rows of the suppression matrix built at a time: a few MB of temporaries, cache-sized
+
+
+def _suppression_rows(boxes: Tensor, areas: Tensor, start: int, stop: int, iou_threshold: float) -> Tensor:
+    """(stop - start, N - start) bool: box i in [start, stop) suppresses box j >= start (j > i) when IoU > thr.
 
     The IoU is computed exactly as torchvision's NMS kernel does (areas first, then inter / (a_i + a_j - inter)),
     so that decisions at the threshold agree bit for bit.
     """
-    x1, y1, x2, y2 = boxes.unbind(1)
-    areas = (x2 - x1) * (y2 - y1)
-    xx1 = torch.max(x1[:, None], x1[None, :])
-    yy1 = torch.max(y1[:, None], y1[None, :])
-    xx2 = torch.min(x2[:, None], x2[None, :])
-    yy2 = torch.min(y2[:, None], y2[None, :])
-    w = (xx2 - xx1).clamp(min=0)
-    h = (yy2 - yy1).clamp(min=0)
-    inter = w * h
-    iou = inter / (areas[:, None] + areas[None, :] - inter)
+    rows, cols = boxes[start:stop], boxes[start:]
+    xx1 = torch.max(rows[:, 0:1], cols[None, :, 0])
+    yy1 = torch.max(rows[:, 1:2], cols[None, :, 1])
+    w = (torch.min(rows[:, 2:3], cols[None, :, 2]) - xx1).clamp_(min=0)
+    h = (torch.min(rows[:, 3:4], cols[None, :, 3]) - yy1).clamp_(min=0)
+    inter = w.mul_(h)
+    iou = inter / (areas[start:stop, None] + areas[None, start:] - inter)
     return torch.triu(iou > iou_threshold, diagonal=1)
 
 
-def _greedy_keep(suppress: Tensor) -> Tensor:
-    """Greedy NMS on an upper-triangular (N, N) suppression matrix: (N,) bool keep mask.
+def _greedy_keep(suppress: Tensor, keep: Tensor) -> Tensor:
+    """Greedy NMS on an upper-triangular (B, B) suppression matrix among candidates ``keep`` (B,) bool.
 
-    Greedy NMS keeps box j iff no *kept* box before it suppresses it. Iterating
-    ``keep <- not any_i(keep_i and S_ij)`` from all-true fixes one more prefix element per round and stops at
-    the greedy solution (Cluster-NMS, Zheng et al. 2021); rounds are whole-matrix ops, so this runs as a few
-    vectorised steps on CPU or GPU instead of a Python loop over boxes.
+    Greedy NMS keeps box j iff it is a candidate and no *kept* box before it suppresses it. Iterating
+    ``keep <- candidate and not any_i(keep_i and S_ij)`` from the candidates fixes one more prefix element per
+    round and stops at the greedy solution (Cluster-NMS, Zheng et al. 2021); rounds are whole-matrix ops, so
+    this runs as a few vectorised steps on CPU or GPU instead of a Python loop over boxes.
     """
-    n = suppress.shape[0]
-    keep = torch.ones(n, dtype=torch.bool, device=suppress.device)
-    if n == 0:
-        return keep
+    candidate = keep
     s = suppress.to(torch.float32)
-    for _ in range(n):
-        new_keep = (keep.to(torch.float32) @ s) == 0
+    for _ in range(suppress.shape[0]):
+        new_keep = candidate & ((keep.to(torch.float32) @ s) == 0)
         if torch.equal(new_keep, keep):
             break
         keep = new_keep
+    return keep
+
+
+def _nms_sorted(boxes: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy NMS of (N, 4) boxes already in decreasing score order: (N,) bool keep mask.
+
+    Row blocks of the suppression matrix are built in order, and only for boxes still kept: a block's kept
+    boxes are settled by the greedy rule within the block, then remove the later boxes they overlap. The
+    result equals greedy NMS over the whole matrix, with half the IoUs (the upper triangle) or fewer.
+    """
+    n = boxes.shape[0]
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    keep = torch.ones(n, dtype=torch.bool, device=boxes.device)
+    for start in range(0, n, NMS_BLOCK):  # a loop over blocks of NMS_BLOCK boxes
+        stop = min(start + NMS_BLOCK, n)
+        sup = _suppression_rows(boxes, areas, start, stop, iou_threshold)
+        block = _greedy_keep(sup[:, : stop - start], keep[start:stop])
+        keep[start:stop] = block
+        if stop < n:
+            keep[stop:] &= (block.to(torch.float32) @ sup[:, stop - start:].to(torch.float32)) == 0
     return keep
 
 
@@ -146,8 +163,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores, dim=0, descending=True, stable=True).indices
-    keep = _greedy_keep(_suppression_matrix(boxes[order], iou_threshold))
-    return order[keep]
+    return order[_nms_sorted(boxes[order], iou_threshold)]
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
