@@ -141,9 +141,10 @@ def _greedy_keep(suppress: Tensor, keep: Tensor) -> Tensor:
 def _nms_sorted(boxes: Tensor, iou_threshold: float) -> Tensor:
     """Greedy NMS of (N, 4) boxes already in decreasing score order: (N,) bool keep mask.
 
-    Row blocks of the suppression matrix are built in order, and only for boxes still kept: a block's kept
-    boxes are settled by the greedy rule within the block, then remove the later boxes they overlap. The
-    result equals greedy NMS over the whole matrix, with half the IoUs (the upper triangle) or fewer.
+    Row blocks of the suppression matrix are built in order: a block's boxes are settled by the greedy rule
+    among the candidates earlier blocks left, then its kept boxes remove the later boxes they overlap. The
+    result equals greedy NMS over the whole matrix, with half the IoUs (the upper triangle) and temporaries
+    small enough to stay in cache.
     """
     n = boxes.shape[0]
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
