@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from maskrcnn.io import IMAGE_EXTENSIONS, ImageReadError, list_images, read_image, read_image_size
+from maskrcnn.io import IMAGE_EXTENSIONS, ImageReadError, list_images, prefetch, read_image, read_image_size
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
@@ -103,3 +105,39 @@ def test_list_images(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         list_images([tmp_path / "nope.png"])
     assert ".jpg" in IMAGE_EXTENSIONS and ".png" in IMAGE_EXTENSIONS
+
+
+def test_prefetch_keeps_order_and_reads_ahead():
+    produced: list[int] = []
+
+    def items():
+        for i in range(20):
+            produced.append(i)
+            yield i
+
+    gen = prefetch(items(), depth=3)
+    assert next(gen) == 0
+    deadline = time.monotonic() + 5
+    while len(produced) < 4 and time.monotonic() < deadline:  # the thread fills the queue behind our back
+        time.sleep(0.01)
+    assert len(produced) >= 4
+    assert [0, *gen] == list(range(20))
+    assert list(prefetch(iter(range(5)), depth=0)) == list(range(5))
+
+
+def test_prefetch_reraises_where_the_item_failed():
+    def items():
+        yield 1
+        raise ImageReadError("bad.png: not an image")
+
+    gen = prefetch(items())
+    assert next(gen) == 1
+    with pytest.raises(ImageReadError, match="bad.png"):
+        next(gen)
+
+
+def test_prefetch_closed_early_stops_its_thread():
+    gen = prefetch(iter(range(10**9)), depth=2)
+    assert next(gen) == 0
+    gen.close()
+    assert not any(t.name == "maskrcnn-prefetch" and t.is_alive() for t in threading.enumerate())

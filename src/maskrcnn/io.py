@@ -1,13 +1,19 @@
-"""Reading images from disk as RGB uint8 arrays, and expanding file/folder/glob arguments to image lists."""
+"""Reading images from disk as RGB uint8 arrays, expanding file/folder/glob arguments to image lists, and
+reading ahead of the model in a background thread (``prefetch``)."""
 
 from __future__ import annotations
 
 import glob
-from collections.abc import Iterable
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+T = TypeVar("T")
 
 # Lower-case suffixes that ``list_images`` treats as images when it expands folders and patterns.
 IMAGE_EXTENSIONS: tuple[str, ...] = (
@@ -126,3 +132,50 @@ def list_images(sources: Iterable[str | Path], recursive: bool = False) -> list[
 def _folder_images(folder: Path, recursive: bool) -> list[Path]:
     pattern = "**/*" if recursive else "*"
     return [p for p in folder.glob(pattern) if _is_image(p)]
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Yield ``items`` in order while a background thread produces up to ``depth`` ahead of the consumer.
+
+    Image decoding (PIL releases the GIL) then overlaps the model's forward pass. An exception raised while
+    producing is re-raised here at the point of the item it replaced; closing this generator early stops the
+    thread.
+    """
+    if depth < 1:
+        yield from items
+        return
+    slots: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            put(("error", e))
+            return
+        put(("done", None))
+
+    worker = threading.Thread(target=produce, name="maskrcnn-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = slots.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        worker.join(timeout=5.0)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from maskrcnn.engine.evaluator import results_to_coco
-from maskrcnn.io import ImageReadError, list_images, read_image
+from maskrcnn.io import ImageReadError, list_images, prefetch, read_image
 from maskrcnn.structures import Result
 
 __all__ = ["PredictSummary", "Predictor", "expand_sources", "model_class_names"]
@@ -176,7 +176,8 @@ class Predictor:
         image_infos: list[dict[str, Any]] = []
         bar = self._open_bar(len(paths))
         try:
-            for batch in self._read_batches(paths, problems, bar):
+            # Decoding the next batch overlaps the model's work on this one.
+            for batch in prefetch(self._read_batches(paths, problems, bar)):
                 arrays = [a for _, a in batch]
                 names = [str(p) for p, _ in batch]
                 try:

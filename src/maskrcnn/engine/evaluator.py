@@ -8,7 +8,6 @@ there is no large object, a class with no instance); those come back as ``float(
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import json
 import math
@@ -24,6 +23,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from maskrcnn.engine import dist as du
+from maskrcnn.io import prefetch, read_image
 from maskrcnn.structures import Result
 
 __all__ = [
@@ -282,20 +282,6 @@ class _Predicts(Protocol):
                 ) -> list[Result]: ...
 
 
-def _read_image(path: str | Path) -> np.ndarray:
-    """Image file as (H, W, 3) uint8 RGB, through ``maskrcnn.io`` when that module exists."""
-    try:
-        io_mod = importlib.import_module("maskrcnn.io")
-    except ImportError:
-        io_mod = None
-    if io_mod is not None and hasattr(io_mod, "read_image"):
-        return np.asarray(io_mod.read_image(path))
-    from PIL import Image  # noqa: PLC0415
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB")).copy()
-
-
 def _progress(iterable: Iterable[Any], total: int, enabled: bool, desc: str) -> Iterable[Any]:
     """``tqdm`` progress bar over ``iterable`` when enabled and installed, else the iterable itself."""
     if not enabled:
@@ -415,9 +401,13 @@ class Evaluator:
         # Whole batches are dealt out, so an image is padded together with the same images as in one process.
         mine = [(k, ids) for k, ids in enumerate(_batches(self.image_ids, self.batch_size)) if k % world == rank]
         shard: list[tuple[int, list[tuple[int, list[dict[str, Any]]]]]] = []
-        for k, ids in _progress(mine, len(mine), self.progress and rank == 0, "eval"):
-            images = [torch.from_numpy(np.ascontiguousarray(_read_image(self.image_path(i)))).permute(2, 0, 1)
-                      for i in ids]
+        def read(batches: list[tuple[int, list[int]]]) -> Iterator[tuple[int, list[int], list[torch.Tensor]]]:
+            for k, ids in batches:
+                yield k, ids, [torch.from_numpy(np.ascontiguousarray(read_image(self.image_path(i)))
+                                                ).permute(2, 0, 1) for i in ids]
+
+        # Decoding the next batch overlaps the model's work on this one.
+        for k, ids, images in _progress(prefetch(read(mine)), len(mine), self.progress and rank == 0, "eval"):
             with torch.no_grad():
                 preds = model.predict(images, score_threshold=self.score_threshold, batch_size=len(images))
             if len(preds) != len(ids):
