@@ -196,3 +196,28 @@ def test_compile_is_opt_in_and_close_to_eager(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     with pytest.raises(RuntimeError, match="C\\+\\+ compiler"):
         model.optimize(compile=True)
+
+
+def test_bf16_inference_is_opt_in_and_returns_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """optimize(amp="bf16") runs under autocast but hands back float32 boxes, scores and masks; bad values fail."""
+    torch.manual_seed(0)
+    model = MaskRCNN(tiny_config()).eval()
+    img, _ = synthetic_pair(2)
+    ref = model.predict(img, score_threshold=0.0)[0]
+    seen: list[torch.dtype] = []
+    head = model.rpn.head
+    monkeypatch.setattr(head, "forward", lambda feats, f=head.forward: seen.append(feats[0].dtype) or f(feats))
+    model.optimize(amp="bf16")
+    out = model.predict(img, score_threshold=0.0)[0]
+    assert seen == [torch.bfloat16]  # the features reached the RPN in bfloat16
+    assert out.boxes.dtype == out.scores.dtype == torch.float32 and out.masks.dtype == torch.bool
+    assert len(out) == len(ref) > 0
+    torch.testing.assert_close(out.scores.sort().values, ref.scores.sort().values, atol=0.05, rtol=0)
+    model.optimize()
+    assert model.amp == "none" and not model.fast_math
+    with pytest.raises(ValueError, match="bf16"):
+        model.optimize(amp="fp16")  # emulated on the CPU
+    with pytest.raises(ValueError, match="amp must be one of"):
+        model.optimize(amp="int8")
+    with pytest.raises(ValueError, match="fast path"):
+        model.optimize(False, amp="bf16")

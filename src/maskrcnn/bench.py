@@ -54,8 +54,10 @@ REFERENCE: dict[str, Any] = {
 
 MODELS = ("r50_fpn_v1", "r50_fpn_v2", "r18_fpn")
 # "fast" is load_model's default; "fast_math" adds norm folding and channels-last everywhere (not bit-exact);
-# "compile" is "fast" with the body and FPN of inference through torch.compile (not bit-exact; no training).
-MODES = ("fast", "naive", "fast_math", "compile")
+# "compile" is "fast" with the body and FPN of inference through torch.compile (not bit-exact; no training);
+# "bf16" is fast_math under bfloat16 autocast (inference only).
+MODES = ("fast", "naive", "fast_math", "compile", "bf16")
+INFERENCE_ONLY_MODES = ("compile", "bf16")
 TASKS = ("inference", "training", "throughput")
 TOP_STAGES = ("transform", "backbone", "fpn", "rpn", "box_head", "mask_head", "paste")
 
@@ -248,7 +250,8 @@ def build_model(name: str, mode: str, settings: BenchSettings) -> tuple[Any, str
     if state is not None:
         model.load_state_dict(state, strict=False)
     model.eval()
-    model.optimize(mode != "naive", fast_math=mode == "fast_math", compile=mode == "compile")
+    model.optimize(mode != "naive", fast_math=mode == "fast_math", compile=mode == "compile",
+                   amp="bf16" if mode == "bf16" else "none")
     return model, source
 
 
@@ -462,8 +465,8 @@ def run_benchmarks(settings: BenchSettings = BenchSettings(), log: Callable[[str
     for kind, key in plan:
         # Modes interleave per scenario so that a drift in machine load hits them alike.
         for mode in settings.modes:
-            if kind == "training" and mode == "compile":
-                continue  # compile applies to inference only; its training step is the fast one
+            if kind == "training" and mode in INFERENCE_ONLY_MODES:
+                continue  # these apply to inference only; their training step is the fast one
             label = f"{kind} {key} [{mode}]"
             say(f"running {label} ...")
             idle_before = _wait_until_idle(settings.wait_idle, say) if settings.wait_idle > 0 else None

@@ -141,13 +141,13 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def load_model(path_or_name: str | Path, config: Config | None = None, optimize: bool = True,
-               fast_math: bool = False, compile: bool = False, **overrides: Any) -> MaskRCNN:
+               fast_math: bool = False, compile: bool = False, amp: str = "none", **overrides: Any) -> MaskRCNN:
     """Load a MaskRCNN in eval mode from our format, a torchvision ``.pth`` or a registry name.
 
     Keyword overrides of test-time settings: min_size, max_size, score_threshold, nms_threshold,
     detections_per_img, device ("cpu", "cuda", "auto"; default cpu). ``config`` replaces the stored config.
     ``optimize`` turns on the fast path (:meth:`MaskRCNN.optimize`); False gives the naive reference path.
-    ``fast_math`` and ``compile`` are its opt-in, not bit-exact speed-ups (see there).
+    ``fast_math``, ``compile`` and ``amp`` ("bf16", "fp16") are its opt-in, not bit-exact speed-ups (see there).
     """
     path = Path(path_or_name)
     class_names: tuple[str, ...] = ()
@@ -175,7 +175,7 @@ def load_model(path_or_name: str | Path, config: Config | None = None, optimize:
     model = MaskRCNN(cfg)
     _load_state(model, state, str(path))
     model = model.to(device).eval()
-    return model.optimize(optimize, fast_math=fast_math, compile=compile)
+    return model.optimize(optimize, fast_math=fast_math, compile=compile, amp=amp)
 
 
 def _read_ours(path: Path) -> tuple[Config, dict[str, torch.Tensor]]:

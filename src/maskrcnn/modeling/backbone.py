@@ -148,11 +148,40 @@ def _needs_grad(x: Tensor, residual: Tensor | None, *modules: nn.Module | None) 
     return any(p.requires_grad for m in modules if m is not None for p in m.parameters(recurse=False))
 
 
+def _onednn_dtype(x: Tensor, weight: Tensor, grad: bool) -> torch.dtype | None:
+    """The dtype a direct oneDNN call should compute in for this CPU inference call, or None for no such call.
+
+    float32, or bfloat16 under CPU autocast: the oneDNN ops called directly are not autocast-aware, so the
+    caller casts for them as autocast would for ``F.conv2d``/``F.linear``.
+    """
+    if grad or x.device.type != "cpu" or not torch.backends.mkldnn.is_available() or weight.dtype != torch.float32:
+        return None
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    return dtype if dtype in (torch.float32, torch.bfloat16) and x.dtype in (torch.float32, dtype) else None
+
+
+def _cast_params(owner: nn.Module, weight: Tensor, bias: Tensor | None, dtype: torch.dtype
+                 ) -> tuple[Tensor, Tensor | None]:
+    """``weight`` and ``bias`` in ``dtype``, cast once and cached on ``owner`` until they change."""
+    if dtype == weight.dtype:
+        return weight, bias
+    key = (weight.data_ptr(), weight._version, None if bias is None else (bias.data_ptr(), bias._version), dtype)
+    cache = owner.__dict__.get("_cast")
+    if cache is None or cache[0] != key:
+        cache = (key, weight.to(dtype), None if bias is None else bias.to(dtype))
+        owner.__dict__["_cast"] = cache  # a plain attribute: outside the state dict
+    return cache[1], cache[2]
+
+
 def _fused_conv(x: Tensor, conv: nn.Conv2d, weight: Tensor, bias: Tensor | None, relu: bool,
                 residual: Tensor | None, grad: bool) -> Tensor:
-    """act(conv(x; weight, bias) + residual); one oneDNN call in CPU float32 inference."""
-    if (not grad and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() == 4
-            and torch.backends.mkldnn.is_available()):
+    """act(conv(x; weight, bias) + residual); one oneDNN call in CPU inference (float32, or bfloat16 autocast)."""
+    dtype = _onednn_dtype(x, weight, grad) if x.dim() == 4 else None
+    if dtype is not None:
+        x = x.to(dtype)
+        weight, bias = _cast_params(conv, weight, bias, dtype)
+        if residual is not None:
+            residual = residual.to(dtype)
         pad, stride, dil = list(conv.padding), list(conv.stride), list(conv.dilation)  # type: ignore[arg-type]
         act = "relu" if relu else "none"
         if residual is None:
@@ -173,10 +202,10 @@ def linear_act(x: Tensor, linear: nn.Linear, relu: bool) -> Tensor:
     applies the ReLU in the same pass. The two differ in the last bits only, which is why this is used in the
     RoI heads' fast path and not in the exact backbone.
     """
-    w = linear.weight
-    if (x.device.type == "cpu" and x.dim() == 2 and x.dtype == w.dtype == torch.float32
-            and not _needs_grad(x, None, linear) and torch.backends.mkldnn.is_available()):
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, linear.bias, "relu" if relu else "none", [], "")
+    dtype = _onednn_dtype(x, linear.weight, _needs_grad(x, None, linear)) if x.dim() == 2 else None
+    if dtype is not None:
+        w, b = _cast_params(linear, linear.weight, linear.bias, dtype)
+        return torch.ops.mkldnn._linear_pointwise(x.to(dtype).contiguous(), w, b, "relu" if relu else "none", [], "")
     y = linear(x)
     return F.relu(y) if relu else y
 

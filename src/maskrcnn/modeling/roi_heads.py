@@ -114,6 +114,8 @@ class RoIHeads(nn.Module):
             with stage("box_head.roi_align"):
                 pooled = self.box_roi_pool(features, proposals, image_sizes)
             class_logits, box_regression = self.box_predictor(self.box_head(pooled))
+            # float32 for the losses and the box decoding under autocast (no-ops otherwise).
+            class_logits, box_regression = class_logits.float(), box_regression.float()
             del pooled
             results: list[dict[str, Tensor]] = []
             if self.training:
@@ -135,7 +137,7 @@ class RoIHeads(nn.Module):
             with stage("mask_head"):
                 with stage("mask_head.roi_align"):
                     pooled = self.mask_roi_pool(features, pos_props, image_sizes)
-                mask_logits = self.mask_predictor(self.mask_head(pooled))
+                mask_logits = self.mask_predictor(self.mask_head(pooled)).float()
                 losses["loss_mask"] = maskrcnn_loss(mask_logits, pos_props, [t["masks"] for t in targets],
                                                     [t["labels"] for t in targets], pos_idxs)
         else:
@@ -152,10 +154,10 @@ class RoIHeads(nn.Module):
                 labels_det = [r["labels"] for r in results]
                 counts = [b.shape[0] for b in det_boxes]
                 if self.fast:
-                    chosen = self.mask_predictor.class_logits(self.mask_head(pooled), torch.cat(labels_det))
+                    chosen = self.mask_predictor.class_logits(self.mask_head(pooled), torch.cat(labels_det)).float()
                     probs = list(chosen.sigmoid()[:, None].split(counts, dim=0))
                 else:
-                    mask_logits = self.mask_predictor(self.mask_head(pooled))
+                    mask_logits = self.mask_predictor(self.mask_head(pooled)).float()
                     probs = maskrcnn_inference(mask_logits, labels_det)
                     idx = torch.arange(mask_logits.shape[0], device=mask_logits.device)
                     chosen = mask_logits[idx, torch.cat(labels_det)]

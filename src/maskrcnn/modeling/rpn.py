@@ -160,6 +160,9 @@ class RegionProposalNetwork(nn.Module):
         """Per-level features of a padded batch -> per image proposals (P, 4) XYXY resized-image pixels, losses."""
         with stage("rpn.head"):
             logits, deltas = self.head(features)
+            # Under autocast the head's outputs are half precision; proposals are decoded and ranked in float32
+            # (a no-op otherwise), as half precision cannot hold pixel coordinates of a large image.
+            logits, deltas = [t.float() for t in logits], [t.float() for t in deltas]
         with stage("rpn.proposals"):
             boxes, anchors, objectness, pred_bbox_deltas = self._proposals(features, batch_shape, image_sizes,
                                                                            logits, deltas)
