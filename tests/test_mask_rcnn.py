@@ -198,6 +198,25 @@ def test_compile_is_opt_in_and_close_to_eager(monkeypatch: pytest.MonkeyPatch) -
         model.optimize(compile=True)
 
 
+def test_failing_compiler_falls_back_to_eager_with_a_warning() -> None:
+    """A compiled backbone whose compilation fails warns once and runs eagerly, with eager's results."""
+    torch.manual_seed(0)
+    model = MaskRCNN(tiny_config()).eval()
+    x = model.preprocess([synthetic_pair(4)[0].float() / 255], resize=False)[0]
+    with torch.no_grad():
+        eager = model.backbone(x)
+
+        def broken(_: torch.Tensor) -> None:
+            raise RuntimeError("CppCompileError: no compiler\ndetails")
+
+        model.backbone.__dict__["_compiled"] = (broken, broken)
+        with pytest.warns(UserWarning, match="torch.compile failed.*CppCompileError: no compiler"):
+            out = model.backbone(x)
+        assert model.backbone.__dict__["_compiled"] is None
+        for k in eager:
+            assert torch.equal(out[k], eager[k])
+
+
 def test_bf16_inference_is_opt_in_and_returns_float32(monkeypatch: pytest.MonkeyPatch) -> None:
     """optimize(amp="bf16") runs under autocast but hands back float32 boxes, scores and masks; bad values fail."""
     torch.manual_seed(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -92,8 +93,19 @@ class BackboneWithFPN(nn.Module):
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         """(N, 3, H, W) normalised batch -> {"0": P2 (stride 4), ..., "3": P5, "pool": P6}."""
         compiled = self.__dict__.get("_compiled")
-        body, fpn = compiled if compiled is not None and not torch.is_grad_enabled() else (self.body, self.fpn)
+        if compiled is not None and not torch.is_grad_enabled():
+            try:
+                with stage("backbone"):
+                    feats = compiled[0](x)
+                with stage("fpn"):
+                    return compiled[1](feats)
+            except Exception as e:  # noqa: BLE001 - any failure of the compiler stack; eager always works
+                # A compiler that fails (no C++ compiler, no Python headers, an inductor bug) must not stop
+                # a prediction run: say why once, then run eagerly from here on.
+                self.__dict__["_compiled"] = None
+                warnings.warn(f"torch.compile failed, running the backbone eagerly instead: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", stacklevel=2)
         with stage("backbone"):
-            feats = body(x)
+            feats = self.body(x)
         with stage("fpn"):
-            return fpn(feats)
+            return self.fpn(feats)
