@@ -286,3 +286,41 @@ def test_demo_cli(tmp_path: Path, capsys) -> None:
     assert (out / "val_predictions" / "000000.png").is_file()
     assert (out / "loss_curves.png").is_file() or importlib.util.find_spec("matplotlib") is None
     assert "AP50" in captured.out
+
+
+def test_cpu_quota_reads_cgroup_v2_and_v1(tmp_path: Path) -> None:
+    """CPUs allowed by a cgroup quota: v2 cpu.max, v1 CFS quota/period, None when unlimited or absent."""
+    from maskrcnn.cli import cpu_quota
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert cpu_quota(v2) == 1.5
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cpu_quota(v2) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_quota(v1) == 2.0
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpu_quota(v1) is None
+    assert cpu_quota(tmp_path / "absent") is None
+
+
+def test_threads_capped_at_the_quota_unless_omp_says_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from maskrcnn import cli
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(cli, "cpu_quota", lambda: 0.5)  # half a CPU: one thread
+        cli._match_threads_to_cpus()
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        cli._match_threads_to_cpus()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -329,6 +330,45 @@ def build_parser() -> argparse.ArgumentParser:
 # Entry point
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
+    """CPUs this process may use under a cgroup CPU quota (v2 ``cpu.max`` or v1 CFS files), or None if unlimited."""
+    try:
+        text = (root / "cpu.max").read_text().split()
+        if text and text[0] != "max":
+            return int(text[0]) / int(text[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        if quota > 0 and period > 0:
+            return quota / period
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _match_threads_to_cpus() -> None:
+    """Cap torch's intra-op threads at the CPUs the process may really use (affinity mask, cgroup quota).
+
+    torch starts one thread per core it sees; in a container limited to fewer CPUs by a quota the extra
+    threads only wait on each other. OMP_NUM_THREADS, when set, is the user's choice and is kept.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    import torch  # noqa: PLC0415 - the CLI parses arguments before paying for torch
+
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cpu_quota()
+    if quota is not None:
+        allowed = min(allowed, max(1, math.ceil(quota)))
+    if allowed < torch.get_num_threads():
+        torch.set_num_threads(allowed)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``maskrcnn`` command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
@@ -340,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     debug = bool(getattr(args, "debug", False) or getattr(args, "debug_global", False))
     _setup_logging()
+    _match_threads_to_cpus()
     try:
         return int(args.func(args) or EXIT_OK)
     except KeyboardInterrupt:
