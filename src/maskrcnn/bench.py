@@ -55,9 +55,9 @@ REFERENCE: dict[str, Any] = {
 MODELS = ("r50_fpn_v1", "r50_fpn_v2", "r18_fpn")
 # "fast" is load_model's default; "fast_math" adds norm folding and channels-last everywhere (not bit-exact);
 # "compile" is "fast" with the body and FPN of inference through torch.compile (not bit-exact; no training);
-# "bf16" is fast_math under bfloat16 autocast (inference only).
+# "bf16" is fast_math under bfloat16 autocast (training too: solver.amp=bf16).
 MODES = ("fast", "naive", "fast_math", "compile", "bf16")
-INFERENCE_ONLY_MODES = ("compile", "bf16")
+INFERENCE_ONLY_MODES = ("compile",)
 TASKS = ("inference", "training", "throughput")
 TOP_STAGES = ("transform", "backbone", "fpn", "rpn", "box_head", "mask_head", "paste")
 
@@ -335,9 +335,13 @@ def bench_training(batch: int, mode: str, settings: BenchSettings) -> dict[str, 
     opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(settings.seed)
 
+    # bf16 trains under autocast, as the trainer does with solver.amp=bf16.
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16")
+
     def step() -> float:
         with stage("forward"):
-            losses = model(images, targets, generator=gen)
+            with autocast:
+                losses = model(images, targets, generator=gen)
             loss = sum(losses.values())
         with stage("backward"):
             opt.zero_grad(set_to_none=True)
