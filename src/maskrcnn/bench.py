@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from maskrcnn.runtime import keep_freed_memory
+
 __all__ = ["REFERENCE", "BenchSettings", "MODELS", "MODES", "compare", "format_report", "run_benchmarks",
            "write_json"]
 
@@ -416,6 +418,8 @@ def _wait_until_idle(max_wait: float, say: Callable[[str], None], threshold: flo
 def _scenario(kind: str, key: Any, mode: str, settings: BenchSettings) -> dict[str, Any]:
     """Run one scenario (possibly in a fresh worker process) with the configured thread count."""
     cpu_start = time.process_time()
+    if settings.isolate:
+        keep_freed_memory()  # what the maskrcnn command does (maskrcnn.runtime); a fresh process per scenario
     if settings.threads:
         torch.set_num_threads(settings.threads)
     out: dict[str, Any]

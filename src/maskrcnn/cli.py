@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from maskrcnn.runtime import keep_freed_memory
+
 __all__ = ["CLIError", "DEMO", "DemoSettings", "build_parser", "main"]
 
 EXIT_OK = 0
@@ -381,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(getattr(args, "debug", False) or getattr(args, "debug_global", False))
     _setup_logging()
     _match_threads_to_cpus()
+    keep_freed_memory()
     try:
         return int(args.func(args) or EXIT_OK)
     except KeyboardInterrupt:

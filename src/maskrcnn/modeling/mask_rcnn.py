@@ -65,7 +65,8 @@ def to_chw_float(image: ImageInput) -> Tensor:
     if t.dim() == 2:
         t = t[None]
     if t.dim() != 3:
-        raise ValueError(f"image must have 2 or 3 dimensions, got shape {tuple(t.shape)}" + (f" ({path})" if path else ""))
+        where = f" ({path})" if path else ""
+        raise ValueError(f"image must have 2 or 3 dimensions, got shape {tuple(t.shape)}{where}")
     if t.shape[0] not in (1, 3) and t.shape[-1] in (1, 3, 4):
         t = t.permute(2, 0, 1)
     if t.shape[0] == 4:
@@ -126,7 +127,7 @@ class MaskRCNN(nn.Module):
         self.batch_on_cpu = False
         self.compiled = False
         self.amp = "none"
-        # On by default; ``optimize(False)`` gives the naive path (same results up to the mask head's rounding).
+        # On by default; ``optimize(False)`` gives the naive path (same features and proposals, last-bit heads).
         self.optimize(True)
 
     def optimize(self, enabled: bool = True, fast_math: bool = False, compile: bool = False,
@@ -139,20 +140,21 @@ class MaskRCNN(nn.Module):
         the parity tolerances (last-bit differences in scores and boxes): fully connected layers run on
         oneDNN's matmul instead of MKL's, conv towers (v2 box head, mask head) run channels-last with their
         norms folded, the mask head computes only the predicted class's logits, and masks are pasted per box
-        window. ``fast_math`` also folds every norm into its conv,
-        fuses bias + residual + ReLU into the oneDNN conv and runs the whole model channels-last: faster, but
-        features then differ from torchvision's by ~1e-6 relative, which can move a box across a pixel
-        boundary of the paste or reorder proposals with near-equal scores. Parameters, state-dict keys and
-        training behaviour are unchanged either way.
+        window. In training, the fast path runs activations channels-last (``train.channels_last``).
+
+        ``fast_math`` (opt-in) also folds every norm into its conv, fuses bias + residual + ReLU into the oneDNN
+        conv and runs the whole model channels-last: faster, but features then differ from torchvision's by
+        ~1e-6 relative, which can move a box across a pixel boundary of the paste or reorder proposals with
+        near-equal scores. Parameters and state-dict keys are unchanged by any of these switches.
 
         ``amp`` (opt-in) runs inference under autocast: "bf16" (CPUs with AVX512-BF16 or AMX run its convs
         ~2x faster than float32; also on GPUs) or "fp16" (GPUs only); it implies ``fast_math``. Heads' outputs
         are cast back to float32 before decoding, ranking and pasting; scores move by ~1e-2 (bench/README.md).
 
-        ``compile`` (opt-in) runs the ResNet body and the FPN of inference (no autograd) through ``torch.compile``
-        (inductor), which fuses
-        the norms and ReLUs around the convs: ~1e-5 relative differences in features, a compilation of tens of
-        seconds per new input shape, and a few percent faster on CPU (bench/README.md has the figures).
+        ``compile`` (opt-in) runs the ResNet body and the FPN of inference (no autograd) through
+        ``torch.compile`` (inductor), which fuses the norms and ReLUs around the convs: ~1e-5 relative
+        differences in features, 5-15 s of compilation per new input shape (cached on disk), and 5-10% faster
+        end to end on the CPU (bench/README.md has the figures).
         """
         if compile and self.device.type == "cpu" and not _cpp_compiler():
             raise RuntimeError("compile=True on the CPU needs a C++ compiler for torch.compile's inductor backend "

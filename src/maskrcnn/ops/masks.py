@@ -50,7 +50,8 @@ def encode_rle(masks: torch.Tensor | np.ndarray) -> list[dict[str, Any]]:
 # RoI mask targets
 
 
-def roi_mask_targets(gt_masks: torch.Tensor, boxes: torch.Tensor, matched_idxs: torch.Tensor, size: int) -> torch.Tensor:
+def roi_mask_targets(gt_masks: torch.Tensor, boxes: torch.Tensor, matched_idxs: torch.Tensor, size: int
+                     ) -> torch.Tensor:
     """Crop-and-resize GT masks (G, H, W) to (K, size, size) soft targets for (K, 4) XYXY RoIs.
 
     ``matched_idxs`` (K,) picks each RoI's GT mask. As torchvision does, the crop is a legacy RoIAlign
