@@ -6,6 +6,7 @@ and proposals bit for bit, and masks equal up to the mask head's float rounding;
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -123,6 +124,7 @@ def test_fast_math_is_close_and_state_dict_untouched() -> None:
 
 def test_training_losses_close_to_naive() -> None:
     model = _frozen_bn_tiny()
+    model.cfg = dataclasses.replace(model.cfg, train=dataclasses.replace(model.cfg.train, channels_last=True))
     model.train()
     img = (_image(2) * 255).to(torch.uint8)
     target = {"boxes": torch.tensor([[10.0, 12.0, 50.0, 40.0]]), "labels": torch.tensor([1]),

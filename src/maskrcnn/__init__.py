@@ -18,6 +18,7 @@ if "torch" not in _sys.modules:
 from maskrcnn.config import Config, apply_overrides, get_preset, load_config, save_config
 from maskrcnn.modeling.mask_rcnn import MaskRCNN
 from maskrcnn.predict import Predictor
+from maskrcnn.runtime import keep_freed_memory
 from maskrcnn.structures import Result
 from maskrcnn.weights import load_model, save_model
 
@@ -30,6 +31,7 @@ __all__ = [
     "Result",
     "apply_overrides",
     "get_preset",
+    "keep_freed_memory",
     "load_config",
     "load_model",
     "save_config",

@@ -218,9 +218,10 @@ class TrainConfig:
     # then stops the others with an error. Must exceed the slowest rank-0-only step (checkpoint, COCO metrics).
     dist_timeout_s: float = 1800.0
     # Activations in channels-last memory layout during training on the fast path (parameters stay NCHW, so
-    # inference keeps its exact NCHW arithmetic): oneDNN's channels-last conv backward is faster (R50-FPN step
-    # on 2 CPU cores 4.22 -> 3.85 s); the GroupNorm demo model gains nothing from it, so its preset turns it off.
-    channels_last: bool = True
+    # inference keeps its exact NCHW arithmetic). Off: its R50-FPN gain on 2 CPU cores (4.22 -> 3.85 s a step)
+    # came from page faults, and once the CLI keeps freed memory (maskrcnn.runtime) the steps take the same time
+    # (3.04 vs 3.08 s); it may still pay on GPUs with AMP, where channels-last convs use tensor cores better.
+    channels_last: bool = False
 
 
 @dataclass(frozen=True)
@@ -286,7 +287,7 @@ def _r18_fpn_demo() -> Config:
     inp = InputConfig(min_size_train=(176, 192, 208), max_size_train=320, min_size_test=192, max_size_test=320)
     solver = SolverConfig(optimizer="adamw", base_lr=1e-3, ims_per_batch=2, reference_batch_size=2, max_iter=2000,
                           steps=(1600, 1900), warmup_iters=50)
-    train = TrainConfig(checkpoint_period=500, log_period=20, num_workers=0, channels_last=False)
+    train = TrainConfig(checkpoint_period=500, log_period=20, num_workers=0)
     return Config(name="r18_fpn_demo", model=model, input=inp, solver=solver, train=train)
 
 

@@ -140,7 +140,8 @@ class MaskRCNN(nn.Module):
         the parity tolerances (last-bit differences in scores and boxes): fully connected layers run on
         oneDNN's matmul instead of MKL's, conv towers (v2 box head, mask head) run channels-last with their
         norms folded, the mask head computes only the predicted class's logits, and masks are pasted per box
-        window. In training, the fast path runs activations channels-last (``train.channels_last``).
+        window. In training, ``train.channels_last`` (off by default) runs the fast path's activations
+        channels-last.
 
         ``fast_math`` (opt-in) also folds every norm into its conv, fuses bias + residual + ReLU into the oneDNN
         conv and runs the whole model channels-last: faster, but features then differ from torchvision's by
