@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.config import BackboneConfig, FPNConfig
-from maskrcnn.modeling.backbone import ResNet, conv_norm_act, conv_norm_act_forward, make_norm
+from maskrcnn.modeling.backbone import ResNet, conv_norm_act, make_norm
 from maskrcnn.modeling.timing import stage
 
 
@@ -41,15 +41,12 @@ class FeaturePyramidNetwork(nn.Module):
         last_inner = self.inner_blocks[-1](x[-1])
         results = [self.layer_blocks[-1](last_inner)]
         for idx in range(len(x) - 2, -1, -1):
-            if self.fast:
-                block = self.inner_blocks[idx]
-                last_inner = add_upsampled_(
-                    conv_norm_act_forward(x[idx], block[0], block.norm, relu=False, fold=self.fold), last_inner)
-                results.insert(0, self.layer_blocks[idx](last_inner))
-                continue
             inner_lateral = self.inner_blocks[idx](x[idx])
-            top_down = F.interpolate(last_inner, size=inner_lateral.shape[-2:], mode="nearest")
-            last_inner = inner_lateral + top_down
+            if self.fast:  # the same sum, in place on the lateral map
+                last_inner = add_upsampled_(inner_lateral, last_inner)
+            else:
+                top_down = F.interpolate(last_inner, size=inner_lateral.shape[-2:], mode="nearest")
+                last_inner = inner_lateral + top_down
             results.insert(0, self.layer_blocks[idx](last_inner))
         results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))
         return OrderedDict(zip(names + ["pool"], results))
@@ -76,6 +73,11 @@ class BackboneWithFPN(nn.Module):
         self.body = ResNet(backbone_cfg)
         self.fpn = FeaturePyramidNetwork(self.body.out_channels, fpn_cfg)
         self.out_channels = fpn_cfg.out_channels
+
+    @property
+    def compiled(self) -> bool:
+        """True while inference runs body and FPN through ``torch.compile`` (off again after a failed compile)."""
+        return self.__dict__.get("_compiled") is not None
 
     def set_compiled(self, enabled: bool) -> None:
         """Run body and FPN through ``torch.compile`` outside autograd (on) or eagerly always (off)."""

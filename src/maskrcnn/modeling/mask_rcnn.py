@@ -125,7 +125,6 @@ class MaskRCNN(nn.Module):
         self.channels_last = False
         # predict() batches images on accelerators only; see its docstring for the CPU measurement.
         self.batch_on_cpu = False
-        self.compiled = False
         self.amp = "none"
         # On by default; ``optimize(False)`` gives the naive path (same features and proposals, last-bit heads).
         self.optimize(True)
@@ -171,7 +170,6 @@ class MaskRCNN(nn.Module):
         self.amp = amp
         fast_math = fast_math or amp != "none"
         self.backbone.set_compiled(compile)
-        self.compiled = compile
         self.fast = enabled
         self.fast_math = enabled and fast_math
         self.channels_last = self.fast_math
@@ -192,6 +190,11 @@ class MaskRCNN(nn.Module):
             heads.box_head.to(memory_format=fmt)
         heads.box_roi_pool.channels_last_output = enabled and conv_box_head
         return self
+
+    @property
+    def compiled(self) -> bool:
+        """Whether inference runs the backbone through ``torch.compile`` (see :meth:`optimize`)."""
+        return self.backbone.compiled
 
     @property
     def device(self) -> torch.device:
