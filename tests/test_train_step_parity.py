@@ -35,7 +35,7 @@ def step(fixtures_dir: Path, one_thread: None) -> dict:
         f"model.rpn.pre_nms_top_n_train={settings['pre_nms_top_n_train']}",
         f"model.rpn.post_nms_top_n_train={settings['post_nms_top_n_train']}",
     ])
-    model = load_model(weights, config=cfg)
+    model = load_model(weights, config=cfg).model
     model.train()
     cases = []
     for case in fixture["cases"]:

@@ -297,7 +297,10 @@ def bench_inference(name: str, mode: str, settings: BenchSettings) -> dict[str, 
     """Latency of ``predict`` on one image (median, s), per-stage medians, detections, FLOPs and peak RSS."""
     from maskrcnn.modeling.timing import StageTimer  # noqa: PLC0415
 
-    model, source = build_model(name, mode, settings)
+    from maskrcnn.predict import Predictor  # noqa: PLC0415
+
+    net, source = build_model(name, mode, settings)
+    model = Predictor(net)
     image = _image(settings)
     _reset_peak_rss()
     rss_before = _rss_mb("VmRSS")
@@ -376,7 +379,10 @@ def bench_training(batch: int, mode: str, settings: BenchSettings) -> dict[str, 
 
 def bench_throughput(mode: str, settings: BenchSettings) -> dict[str, Any]:
     """Images per second of ``predict(images, batch_size=throughput_batch)`` (on the CPU: one image at a time)."""
-    model, source = build_model(settings.throughput_model, mode, settings)
+    from maskrcnn.predict import Predictor  # noqa: PLC0415
+
+    net, source = build_model(settings.throughput_model, mode, settings)
+    model = Predictor(net)
     images = [_image(settings, i) for i in range(settings.throughput_batch)]
     n = settings.throughput_batch
     _reset_peak_rss()

@@ -113,8 +113,9 @@ class RegionProposalNetwork(nn.Module):
             boxes = clip_boxes_to_image(boxes, size)
             keep = remove_small_boxes(boxes, self.cfg.min_box_size)
             boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
-            keep = torch.where(scores >= self.cfg.score_thresh)[0]
-            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            if self.cfg.score_thresh is not None:
+                keep = torch.where(scores >= self.cfg.score_thresh)[0]
+                boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
             keep = batched_nms(boxes, scores, lvl, self.cfg.nms_thresh)[: self._post_nms_top_n()]
             final_boxes.append(boxes[keep])
             final_scores.append(scores[keep])
