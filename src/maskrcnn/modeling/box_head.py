@@ -8,8 +8,9 @@ from torch import Tensor, nn
 
 from maskrcnn.config import BoxHeadConfig
 from maskrcnn.modeling.backbone import conv_stack, make_norm
-from maskrcnn.ops.boxes import BoxCoder, batched_nms, clip_boxes_to_image, remove_small_boxes
+from maskrcnn.ops.boxes import BoxCoder
 from maskrcnn.ops.fused import linear_act
+from maskrcnn.ops.postprocess import fast_rcnn_inference_single_image
 
 
 class TwoMLPHead(nn.Module):
@@ -122,35 +123,23 @@ def fastrcnn_loss(class_logits: Tensor, box_regression: Tensor, labels: list[Ten
 def postprocess_detections(class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor],
                            image_sizes: list[tuple[int, int]], box_coder: BoxCoder, cfg: BoxHeadConfig,
                            score_thresh: float | None = None, background: str = "first") -> list[dict[str, Tensor]]:
-    """Softmax, per-class decoding, score threshold, small-box removal, per-class NMS, top-k.
+    """Softmax, per-class decoding, clip, score threshold, optional small-box removal, per-class NMS, top-k.
 
-    Returns per image {"boxes": (D, 4) XYXY resized-image pixels, "scores": (D,), "labels": (D,) int64 1..K}.
+    The selection is :func:`maskrcnn.ops.postprocess.fast_rcnn_inference_single_image` with this config's
+    conventions. Returns per image {"boxes": (D, 4) XYXY resized-image pixels, "scores": (D,), "labels": (D,)
+    int64 1..K}.
     """
-    device = class_logits.device
-    num_classes = class_logits.shape[-1] - 1
     boxes_per_image = [p.shape[0] for p in proposals]
     pred_boxes = box_coder.decode(box_regression, torch.cat(proposals, dim=0))
     pred_scores = F.softmax(class_logits, -1)
     thresh = cfg.score_thresh if score_thresh is None else score_thresh
+    last = background == "last"
     results = []
     for boxes, scores, size in zip(pred_boxes.split(boxes_per_image, 0), pred_scores.split(boxes_per_image, 0),
-                                   image_sizes):
-        boxes = clip_boxes_to_image(boxes, size)
-        # Foreground columns only, in class order: scores drop the background column; deltas have one
-        # (background first) or none (last).
-        if background == "first":
-            boxes, scores = boxes[:, 1:], scores[:, 1:]
-        else:
-            scores = scores[:, :num_classes]
-        labels = torch.arange(1, num_classes + 1, device=device).view(1, -1).expand_as(scores)
-        boxes = boxes.reshape(-1, 4)
-        scores = scores.reshape(-1)
-        labels = labels.reshape(-1)
-        inds = torch.where(scores > thresh)[0]
-        boxes, scores, labels = boxes[inds], scores[inds], labels[inds]
-        if cfg.min_box_size is not None:
-            keep = remove_small_boxes(boxes, cfg.min_box_size)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = batched_nms(boxes, scores, labels, cfg.nms_thresh)[: cfg.detections_per_img]
-        results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+                                   image_sizes):  # a loop over the images of the batch
+        boxes, scores, classes, _ = fast_rcnn_inference_single_image(
+            boxes.reshape(boxes.shape[0], -1), scores, size, thresh, cfg.nms_thresh, cfg.detections_per_img,
+            background_last=last, min_box_size=cfg.min_box_size, drop_non_finite=cfg.drop_non_finite)
+        # The NMS categories above are the framework's own class indices; labels are 1..K either way.
+        results.append({"boxes": boxes, "scores": scores, "labels": classes + 1 if last else classes})
     return results

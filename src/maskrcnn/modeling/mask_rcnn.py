@@ -24,7 +24,8 @@ from maskrcnn.modeling.rpn import RegionProposalNetwork
 from maskrcnn.modeling.timing import stage
 from maskrcnn.ops.fused import set_fast_path
 from maskrcnn.ops.masks import paste_masks, paste_masks_in_windows
-from maskrcnn.ops.resize import resize_scale
+from maskrcnn.ops.postprocess import detector_postprocess
+from maskrcnn.ops.resize import resize_scale, resize_shortest_edge
 
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
@@ -49,6 +50,13 @@ def check_image(image: Tensor, index: int = 0) -> Tensor:
     if image.dtype != torch.uint8 and not image.is_floating_point():
         raise TypeError(f"image {index}: unsupported dtype {image.dtype}; expected uint8 or floating point")
     return image
+
+
+def as_uint8(image: Tensor) -> Tensor:
+    """(3, H, W) uint8, or float RGB in [0, 1] rounded to uint8 (for resizes defined on 8-bit images)."""
+    if image.dtype == torch.uint8:
+        return image
+    return image.mul(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def resize_image(image: Tensor, min_size: float, max_size: float) -> Tensor:
@@ -82,7 +90,8 @@ class MaskRCNN(nn.Module):
         self.cfg = cfg
         m = cfg.model
         self.backbone = BackboneWithFPN(m.backbone, m.fpn)
-        self.rpn = RegionProposalNetwork(m.rpn, m.anchors, self.backbone.out_channels)
+        self.rpn = RegionProposalNetwork(m.rpn, m.anchors, self.backbone.out_channels,
+                                         num_levels=1 if self.backbone.fpn is None else len(m.anchors.sizes))
         self.roi_heads = RoIHeads(m, self.backbone.out_channels, self.backbone.pooled_levels)
         inp = cfg.input
         self.register_buffer("pixel_mean", torch.tensor(inp.pixel_mean, dtype=torch.float32), persistent=False)
@@ -181,9 +190,17 @@ class MaskRCNN(nn.Module):
         return image.to(dtype)
 
     def normalize(self, image: Tensor) -> Tensor:
-        """(3, H, W) RGB [0, 1] -> normalised input in the configured pixel format."""
+        """(3, H, W) uint8, or float RGB in [0, 1] -> normalised input in the configured pixel format.
+
+        "bgr255" takes uint8 values as they are (no round trip through [0, 1], which would move them off the
+        integers that detectron2 normalises).
+        """
         if self.cfg.input.pixel_format == "bgr255":
-            image = image.flip(0) * 255.0
+            dtype = self.pixel_mean.dtype
+            image = image.to(dtype) if image.dtype == torch.uint8 else image.to(dtype) * 255.0
+            image = image.flip(0)
+        else:
+            image = self.to_float(image)
         mean = self.pixel_mean.to(image.dtype)
         std = self.pixel_std.to(image.dtype)
         return (image - mean[:, None, None]) / std[:, None, None]
@@ -207,7 +224,13 @@ class MaskRCNN(nn.Module):
         """(3, H, W) uint8 or float [0, 1] RGB images -> padded normalised batch and each image's (H, W) after resizing."""
         out = []
         for img in images:
-            img = self.normalize(self.to_float(img))
+            if resize and self.cfg.input.resize_mode == "pil":
+                # detectron2 resizes the uint8 image (Pillow's antialiased bilinear filter), then normalises.
+                img = resize_shortest_edge(as_uint8(img).permute(1, 2, 0), self.min_size_test,
+                                           self.max_size_test).permute(2, 0, 1)
+                out.append(self.normalize(img))
+                continue
+            img = self.normalize(img)
             if resize:
                 img = resize_image(img, self.min_size_test, self.max_size_test)
             out.append(img)
@@ -286,21 +309,28 @@ class MaskRCNN(nn.Module):
         results = []
         for i, (det, img) in enumerate(zip(out["detections"], imgs)):
             orig = (int(img.shape[-2]), int(img.shape[-1]))
-            boxes = resize_boxes(det["boxes"], sizes[i], orig)
+            if self.cfg.model.box_head.clip_to_input:
+                # detectron2's detector_postprocess: scale, clip to the input, drop the boxes left empty.
+                boxes, keep, _ = detector_postprocess(det["boxes"], sizes[i], orig)
+                det = {k: v[keep] for k, v in det.items()}
+            else:
+                boxes = resize_boxes(det["boxes"], sizes[i], orig)
             r: dict[str, Any] = {"boxes": boxes, "scores": det["scores"], "labels": det["labels"]}
             if "masks" in det:
                 with stage("paste"):
                     if self.fast and not soft_masks:
                         # Binarised per box window: no (D, H, W) float tensor at all.
                         r["masks"] = paste_masks_in_windows(det["masks"], boxes, orig, mh.paste_mode,
-                                                            mh.paste_padding, threshold=mh.mask_threshold)
+                                                            mh.paste_padding, threshold=mh.mask_threshold,
+                                                            threshold_inclusive=mh.mask_threshold_inclusive)
                     else:
                         if self.fast:
                             pasted = paste_masks_in_windows(det["masks"], boxes, orig, mh.paste_mode,
                                                             mh.paste_padding)
                         else:
                             pasted = paste_masks(det["masks"], boxes, orig, mh.paste_mode, mh.paste_padding)[:, 0]
-                        r["masks"] = pasted > mh.mask_threshold
+                        r["masks"] = (pasted >= mh.mask_threshold if mh.mask_threshold_inclusive
+                                      else pasted > mh.mask_threshold)
                         if soft_masks:
                             r["soft_masks"] = pasted
             if keep_intermediates:

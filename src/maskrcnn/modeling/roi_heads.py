@@ -48,7 +48,8 @@ class RoIHeads(nn.Module):
         self.box_cfg = bh
         self.mask_cfg = mh
         self.box_roi_pool = MultiScaleRoIAlign(levels, bh.pooler_resolution, bh.pooler_sampling_ratio,
-                                               bh.pooler_aligned)
+                                               bh.pooler_aligned, mapper_eps=bh.pooler_level_eps,
+                                               eps_inside_log=bh.pooler_eps_inside_log)
         self.res5: nn.Module | None = None
         if cfg.backbone.layout == "c4":
             self.res5 = build_res5(cfg.backbone, in_channels)
@@ -67,7 +68,8 @@ class RoIHeads(nn.Module):
         self.mask_size = mh.pooler_resolution * (1 if self.res5 is not None else 2)
         if mh.enabled:
             self.mask_roi_pool = MultiScaleRoIAlign(levels, mh.pooler_resolution, mh.pooler_sampling_ratio,
-                                                    mh.pooler_aligned)
+                                                    mh.pooler_aligned, mapper_eps=bh.pooler_level_eps,
+                                                    eps_inside_log=bh.pooler_eps_inside_log)
             self.mask_head = MaskRCNNHeads(in_channels, mh)
             self.mask_predictor = MaskRCNNPredictor(self.mask_head.out_channels, mh.conv_dim,
                                                     per_class_outputs(cfg.num_classes, cfg.background))
