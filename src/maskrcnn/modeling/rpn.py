@@ -75,6 +75,10 @@ class RegionProposalNetwork(nn.Module):
         super().__init__()
         self.cfg = cfg
         sizes = anchor_cfg.sizes if num_levels > 1 else (tuple(anchor_cfg.sizes),)
+        if anchor_cfg.strides and len(anchor_cfg.strides) != len(sizes):
+            raise ValueError(f"model.anchors.strides gives {len(anchor_cfg.strides)} strides for {len(sizes)} feature "
+                             f"level(s) of this layout: set one stride per level (e.g. [16] for C4 and DC5, "
+                             f"[4, 8, 16, 32, 64] for FPN), or [] to derive them from the feature maps")
         self.anchor_generator = AnchorGenerator(
             dataclasses.replace(anchor_cfg, sizes=sizes), strides=anchor_cfg.strides or None,
             offset=anchor_cfg.offset, size_major=anchor_cfg.size_major,

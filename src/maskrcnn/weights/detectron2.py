@@ -41,6 +41,8 @@ _ALLOWED_GLOBALS = {
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("collections", "OrderedDict"),
+    # Protocol-2 pickles written by Python 3 store bytes as _codecs.encode(text, "latin1"): a pure function.
+    ("_codecs", "encode"),
 }
 
 # Keys of a detectron2 state dict that mean nothing to the model: anchor buffers of the 2019 zoo files and the
@@ -67,7 +69,8 @@ def read_detectron2_pickle(path: Path) -> dict[str, torch.Tensor]:
                            f"a file that references other objects could run code when unpickled") from e
     except Exception as e:  # noqa: BLE001 - truncated or foreign files: report with the file name
         raise WeightsError(f"{path}: cannot read as a detectron2 .pkl ({type(e).__name__}: {e})") from e
-    state = data.get("model", data) if isinstance(data, Mapping) else None
+    # Zoo models hold {"model": ...}; Detectron's ImageNet backbones (R-50.pkl) {"blobs": ...} or the arrays.
+    state = (data.get("model") or data.get("blobs") or data) if isinstance(data, Mapping) else None
     if not isinstance(state, Mapping) or not state:
         raise WeightsError(f"{path}: expected a pickle of {{'model': {{name: array}}}}")
     out: dict[str, torch.Tensor] = {}
