@@ -1,8 +1,8 @@
-"""ops.postprocess in torchvision's settings equals today's RPN and box-head post-processing, bit for bit.
+"""ops.postprocess in torchvision's settings equals torchvision's RPN and box-head post-processing, bit for bit.
 
-detectron2's settings are checked against its fixtures in tests/test_detectron2_ops.py; these tests show that
-the same functions, with the parameters their docstrings give, reproduce the torchvision code paths the model
-uses now, so the model can switch over without a parity change.
+detectron2's settings are checked against its fixtures in tests/test_detectron2_ops.py. The model now runs these
+functions, so the references here are torchvision's algorithms written out in the test (as the model ran them
+before it switched over), not the model's own methods.
 """
 
 from __future__ import annotations
@@ -10,10 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from maskrcnn.config import AnchorConfig, BoxHeadConfig, RPNConfig
-from maskrcnn.modeling.box_head import postprocess_detections
-from maskrcnn.modeling.rpn import RegionProposalNetwork
-from maskrcnn.ops.boxes import BoxCoder, clip_boxes_to_image
+from maskrcnn.config import BoxHeadConfig, RPNConfig
+from maskrcnn.ops.boxes import BoxCoder, batched_nms, clip_boxes_to_image, remove_small_boxes
 from maskrcnn.ops.postprocess import detector_postprocess, fast_rcnn_inference_single_image, find_top_rpn_proposals
 
 
@@ -24,10 +22,56 @@ def _random_boxes(gen: torch.Generator, n: int, size: tuple[int, int], scale: fl
     return torch.cat([ctr - wh / 2, ctr + wh / 2], dim=1)
 
 
+def _torchvision_filter_proposals(proposals: list[torch.Tensor], logits: list[torch.Tensor],
+                                  image_sizes: list[tuple[int, int]], cfg: RPNConfig
+                                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """torchvision's RegionProposalNetwork.filter_proposals: per-level top-k, sigmoid, clip, small boxes, NMS."""
+    idx, offset = [], 0
+    for lg in logits:
+        k = min(cfg.pre_nms_top_n_test, lg.shape[1])
+        idx.append(lg.topk(k, dim=1)[1] + offset)
+        offset += lg.shape[1]
+    idx = torch.cat(idx, dim=1)
+    levels = torch.cat([torch.full((lg.shape[1],), i, dtype=torch.int64) for i, lg in enumerate(logits)])
+    all_boxes, all_logits = torch.cat(proposals, 1), torch.cat(logits, 1)
+    out_b, out_s = [], []
+    for i, size in enumerate(image_sizes):
+        boxes, probs, lvl = all_boxes[i, idx[i]], torch.sigmoid(all_logits[i, idx[i]]), levels[idx[i]]
+        boxes = clip_boxes_to_image(boxes, size)
+        keep = remove_small_boxes(boxes, cfg.min_box_size)
+        boxes, probs, lvl = boxes[keep], probs[keep], lvl[keep]
+        keep = torch.where(probs >= cfg.score_thresh)[0]
+        boxes, probs, lvl = boxes[keep], probs[keep], lvl[keep]
+        keep = batched_nms(boxes, probs, lvl, cfg.nms_thresh)[: cfg.post_nms_top_n_test]
+        out_b.append(boxes[keep])
+        out_s.append(probs[keep])
+    return out_b, out_s
+
+
+def _torchvision_postprocess(class_logits: torch.Tensor, box_regression: torch.Tensor,
+                             proposals: list[torch.Tensor], image_sizes: list[tuple[int, int]], coder: BoxCoder,
+                             cfg: BoxHeadConfig) -> list[dict[str, torch.Tensor]]:
+    """torchvision's RoIHeads.postprocess_detections (background column 0, small-box removal)."""
+    counts = [p.shape[0] for p in proposals]
+    decoded = coder.decode(box_regression, torch.cat(proposals))
+    probs = F.softmax(class_logits, -1)
+    out = []
+    for boxes, scores, size in zip(decoded.split(counts), probs.split(counts), image_sizes):
+        boxes = clip_boxes_to_image(boxes, size)
+        labels = torch.arange(scores.shape[1]).view(1, -1).expand_as(scores)
+        boxes, scores, labels = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
+        keep = torch.where(scores > cfg.score_thresh)[0]
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = remove_small_boxes(boxes, cfg.min_box_size)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = batched_nms(boxes, scores, labels, cfg.nms_thresh)[: cfg.detections_per_img]
+        out.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+    return out
+
+
 def test_find_top_rpn_proposals_reproduces_torchvision_filter_proposals() -> None:
     gen = torch.Generator().manual_seed(0)
     cfg = RPNConfig(pre_nms_top_n_test=300, post_nms_top_n_test=200)
-    rpn = RegionProposalNetwork(cfg, AnchorConfig(), in_channels=4).eval()
     per_level = [1200, 300, 80, 20]
     image_sizes = [(96, 128), (120, 80)]
     proposals, logits = [], []
@@ -38,8 +82,7 @@ def test_find_top_rpn_proposals_reproduces_torchvision_filter_proposals() -> Non
         lg[:, : n // 10] = 17.0 + torch.rand(len(image_sizes), n // 10, generator=gen) * 5
         lg[:, n // 10: n // 5] = lg[:, : n // 10]  # exact logit ties too
         logits.append(lg)
-    want_boxes, want_scores = rpn.filter_proposals(torch.cat(proposals, 1), torch.cat(logits, 1), image_sizes,
-                                                   per_level)
+    want_boxes, want_scores = _torchvision_filter_proposals(proposals, logits, image_sizes, cfg)
     boxes, scores = find_top_rpn_proposals(proposals, logits, image_sizes, cfg.nms_thresh, cfg.pre_nms_top_n_test,
                                            cfg.post_nms_top_n_test, cfg.min_box_size, min_size_inclusive=True,
                                            score_thresh=cfg.score_thresh, sigmoid_scores=True,
@@ -65,7 +108,7 @@ def test_fast_rcnn_inference_reproduces_torchvision_postprocess_detections() -> 
     box_regression = torch.randn(300, 4 * num_classes, generator=gen)
     # Sub-pixel boxes, which torchvision's min_box_size removes.
     box_regression[:20, 2::4] = -8.0
-    want = postprocess_detections(class_logits, box_regression, proposals, image_sizes, coder, cfg)
+    want = _torchvision_postprocess(class_logits, box_regression, proposals, image_sizes, coder, cfg)
     decoded = coder.decode(box_regression, torch.cat(proposals)).reshape(300, -1)
     probs = F.softmax(class_logits, -1)
     start = 0

@@ -271,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
              epilog="examples:\n  maskrcnn bench\n  maskrcnn bench --only inference --models r50_fpn_v1 --repeats 3\n"
                     "  maskrcnn bench --modes fast,naive,fast_math --baseline bench/baseline.json")
     p.add_argument("--models", default="r50_fpn_v1,r50_fpn_v2,r18_fpn", metavar="NAMES",
-                   help="comma-separated inference models: r50_fpn_v1, r50_fpn_v2, r18_fpn")
+                   help="comma-separated inference models: r50_fpn_v1, r50_fpn_v2, r18_fpn, and detectron2's zoo "
+                        "architectures d2_R_50_FPN, d2_R_50_C4, d2_R_50_DC5, d2_R_101_FPN, d2_R_101_C4, "
+                        "d2_R_101_DC5, d2_X_101_32x8d_FPN (random weights)")
     p.add_argument("--modes", default="fast,naive", metavar="MODES",
                    help="comma-separated modes to measure (fast, naive, fast_math, compile, bf16); ratios are "
                         "against the second")
