@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -118,6 +119,17 @@ def resize_uint8_bilinear(image: torch.Tensor, size: tuple[int, int]) -> torch.T
 
 
 def resize_shortest_edge(image: torch.Tensor, short_edge_length: float, max_size: float) -> torch.Tensor:
-    """uint8 (H, W, C) image -> (h, w, C) uint8 resized as detectron2's ``ResizeShortestEdge`` does at test time."""
+    """uint8 (H, W, C) image -> (h, w, C) uint8 resized as detectron2's ``ResizeShortestEdge`` does at test time.
+
+    On the CPU Pillow itself does the resize (~10x faster than :func:`resize_uint8_bilinear`, same bytes); on an
+    accelerator the torch implementation keeps the image on the device.
+    """
     h, w = shortest_edge_size(image.shape[0], image.shape[1], short_edge_length, max_size)
+    if (h, w) == tuple(image.shape[:2]):
+        return image
+    if image.device.type == "cpu" and image.dim() == 3 and image.shape[2] == 3:
+        from PIL import Image  # noqa: PLC0415 - a dependency; only this path needs it
+
+        resized = Image.fromarray(image.contiguous().numpy()).resize((w, h), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(resized).copy())
     return resize_uint8_bilinear(image, (h, w))
