@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "  maskrcnn predict --weights run/model_final 'data/**/*.jpg' --recursive --out preds/ "
                     "--classes person,car --save-masks")
     p.add_argument("--weights", required=True, metavar="NAME_OR_PATH",
-                   help="registry name (see 'maskrcnn weights list'), model folder, .safetensors or torchvision .pth")
+                   help="registry name (see 'maskrcnn weights list'), model folder, .safetensors, torchvision .pth, "
+                        "or an .onnx file from 'maskrcnn export' (runs in onnxruntime)")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="image files, folders or glob patterns")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for overlays, masks and JSON")
     p.add_argument("--score-threshold", type=_fraction, default=0.5, help="keep detections scoring at least this")
@@ -180,6 +181,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write the COCO results JSON (default: OUT/predictions.json)")
     p.add_argument("--recursive", action="store_true", help="search folders and ** patterns recursively")
     p.set_defaults(func=cmd_predict)
+
+    # export and serve (deployment: maskrcnn.export, maskrcnn.serve) -------------------------------------------------
+    p = _add(sub, "export", "export a model as one ONNX graph: image in; resize, network, NMS and mask paste inside",
+             epilog="examples:\n  maskrcnn export --weights maskrcnn_resnet50_fpn_v2 --out model.onnx\n"
+                    "  maskrcnn predict --weights model.onnx photos/ --out preds/   # runs in onnxruntime")
+    p.add_argument("--weights", required=True, metavar="NAME_OR_PATH",
+                   help="registry name, model folder, .safetensors or torchvision .pth")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="output format")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
+    p.add_argument("--opset", type=_positive_int, default=None,
+                   help="ONNX opset version, 18 or newer (default: maskrcnn.export.DEFAULT_OPSET, 18)")
+    _add_sizes(p)
+    p.add_argument("--score-threshold", type=_fraction, default=None,
+                   help="default minimum score stored in the graph; callers can still pass their own "
+                        "(default: the model's config, 0.05 for torchvision's models)")
+    p.add_argument("--nms-threshold", type=_fraction, default=None,
+                   help="IoU of the per-class NMS (default: the model's config)")
+    p.add_argument("--detections-per-img", type=_positive_int, default=None,
+                   help="most detections per image (default: the model's config)")
+    p.set_defaults(func=cmd_export)
 
     # weights ----------------------------------------------------------------------------------------------------
     pw = _add(sub, "weights", "list, download and convert checkpoints")
@@ -479,6 +500,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(summary.format())
     if summary.images == 0:
         raise CLIError(f"none of the {summary.skipped} inputs could be read (see the messages above)")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``maskrcnn export``: write the whole inference as one ONNX graph (see :mod:`maskrcnn.export`)."""
+    from maskrcnn.export import DEFAULT_OPSET, export_onnx, is_onnx_file  # noqa: PLC0415
+    from maskrcnn.weights import load_model  # noqa: PLC0415
+
+    if is_onnx_file(args.weights):
+        raise CLIError(f"{args.weights}: already an ONNX file; export from the PyTorch weights it came from")
+    if not is_onnx_file(args.out):
+        raise CLIError(f"--out {args.out}: the file name must end in .onnx")
+    model = load_model(args.weights, min_size=args.min_size, max_size=args.max_size, device="cpu",
+                       score_threshold=args.score_threshold, nms_threshold=args.nms_threshold,
+                       detections_per_img=args.detections_per_img)
+    t0 = time.perf_counter()
+    path = export_onnx(model, args.out, opset=args.opset or DEFAULT_OPSET, source=str(args.weights))
+    size_mb = path.stat().st_size / 1e6
+    print(f"wrote {path} ({size_mb:.1f} MB, opset {args.opset or DEFAULT_OPSET}) in {time.perf_counter() - t0:.1f} s")
     return EXIT_OK
 
 
