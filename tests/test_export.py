@@ -313,3 +313,16 @@ def test_cli_export_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     assert "must end in .onnx" in capsys.readouterr().err
     assert main(["export", "--weights", "m.onnx", "--out", str(tmp_path / "model.onnx")]) == 2
     assert "already an ONNX file" in capsys.readouterr().err
+
+
+def test_bench_onnx_mode_runs() -> None:
+    """``maskrcnn bench --modes fast,onnx`` measures the exported graph beside PyTorch (smoke run, no timings asserted)."""
+    from maskrcnn import bench
+
+    settings = bench.BenchSettings(height=64, width=96, models=("r18_fpn",), modes=("fast", "onnx"),
+                                   tasks=("inference",), repeats=1, warmup=0, detections=10, isolate=False,
+                                   count_flops=False, random_weights=True)
+    report = bench.run_benchmarks(settings)
+    onnx_run = report["results"]["onnx"]["inference"]["r18_fpn"]
+    assert onnx_run["median_s"] > 0 and onnx_run["detections"] == 10 and onnx_run["export_s"] > 0
+    assert "onnx" in bench.format_report(report)

@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="r50_fpn_v1,r50_fpn_v2,r18_fpn", metavar="NAMES",
                    help="comma-separated inference models: r50_fpn_v1, r50_fpn_v2, r18_fpn")
     p.add_argument("--modes", default="fast,naive", metavar="MODES",
-                   help="comma-separated modes to measure (fast, naive, fast_math, compile, bf16); ratios are "
+                   help="comma-separated modes to measure (fast, naive, fast_math, compile, bf16, onnx: the exported graph in "
+                        "onnxruntime, inference only); ratios are "
                         "against the second")
     p.add_argument("--only", default="inference,training,throughput", metavar="TASKS",
                    help="comma-separated tasks: inference, training, throughput")
