@@ -351,7 +351,8 @@ def bench_onnx_inference(name: str, settings: BenchSettings) -> dict[str, Any]:
         out = runner.run(image)
     # onnxruntime runs the graph as one call: no per-stage times.
     return {"median_s": statistics.median(runs), "runs_s": runs, "stages_s": {},
-            "detections": int(out["boxes"].shape[0]), "weights": source, "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": rss_before,
+            "detections": int(out["boxes"].shape[0]), "weights": source, "peak_rss_mb": _peak_rss_mb(),
+            "rss_before_mb": rss_before,
             "image": [3, settings.height, settings.width], "export_s": export_s}
 
 
