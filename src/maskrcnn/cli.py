@@ -202,6 +202,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most detections per image (default: the model's config)")
     p.set_defaults(func=cmd_export)
 
+    p = _add(sub, "serve", "serve a model over HTTP: /v1/predict, KServe v2 endpoints and a web page at /",
+             epilog="examples:\n  maskrcnn serve --weights model.onnx            # http://127.0.0.1:8000/\n"
+                    "  maskrcnn serve --weights maskrcnn_resnet50_fpn_v2 --host 0.0.0.0 --api-key \"$KEY\"")
+    p.add_argument("--weights", required=True, metavar="NAME_OR_PATH",
+                   help="registry name, model folder, .safetensors, torchvision .pth or an exported .onnx")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; others than localhost need --api-key")
+    p.add_argument("--port", type=_positive_int, default=8000, help="TCP port")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' (or X-API-Key) on every endpoint but / and health")
+    p.add_argument("--insecure-no-api-key", action="store_true",
+                   help="accept binding to a non-local address without an API key (anyone who reaches it can use it)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser requests from this origin (repeatable; default: CORS off)")
+    p.add_argument("--score-threshold", type=_fraction, default=0.5,
+                   help="minimum score when a request gives no score_threshold")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="largest upload in MB (413 above)")
+    p.add_argument("--max-pixels", type=_positive_int, default=40_000_000, help="largest image in pixels (413 above)")
+    p.add_argument("--max-queue", type=int, default=8, help="requests waiting beyond the running one (503 above)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait and run (504 after)")
+    _add_device(p)
+    _add_sizes(p)
+    p.set_defaults(func=cmd_serve)
+
     # weights ----------------------------------------------------------------------------------------------------
     pw = _add(sub, "weights", "list, download and convert checkpoints")
     wsub = pw.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -524,6 +547,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     path = export_onnx(model, args.out, opset=args.opset or DEFAULT_OPSET, source=str(args.weights))
     size_mb = path.stat().st_size / 1e6
     print(f"wrote {path} ({size_mb:.1f} MB, opset {args.opset or DEFAULT_OPSET}) in {time.perf_counter() - t0:.1f} s")
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``maskrcnn serve``: run the HTTP service until SIGTERM or Ctrl-C (requests in flight are finished first)."""
+    from maskrcnn.export import is_onnx_file  # noqa: PLC0415
+    from maskrcnn.serve.app import ServeSettings, check_bind, serve  # noqa: PLC0415
+
+    check_bind(args.host, args.api_key, args.insecure_no_api_key)
+    settings = ServeSettings(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pixels=args.max_pixels,
+                             max_queue=max(args.max_queue, 0), request_timeout_s=args.timeout, api_key=args.api_key,
+                             cors_origins=tuple(args.cors_origin), score_threshold=args.score_threshold)
+    options: dict[str, Any] = {}
+    if not is_onnx_file(args.weights):
+        _check_device(args.device)
+        options = {"min_size": args.min_size, "max_size": args.max_size, "device": args.device}
+    serve(args.weights, args.host, args.port, settings, args.insecure_no_api_key, **options)
     return EXIT_OK
 
 
