@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,8 +63,39 @@ def test_fpn_outputs_five_levels(norm: str) -> None:
 def test_unsupported_depth_and_layout() -> None:
     with pytest.raises(ValueError, match="depth"):
         ResNet(BackboneConfig(depth=42))
-    with pytest.raises(NotImplementedError, match="c4"):
-        BackboneWithFPN(BackboneConfig(depth=18, layout="c4"), FPNConfig())
+    with pytest.raises(ValueError, match="res5_dilation=2"):
+        BackboneWithFPN(BackboneConfig(depth=50, layout="dc5"), FPNConfig())
+    with pytest.raises(ValueError, match="BasicBlock"):
+        ResNet(BackboneConfig(depth=18, groups=32, width_per_group=4))
+
+
+def test_stride_sits_on_the_1x1_or_the_3x3_conv() -> None:
+    """MSRA (stride_in_1x1, detectron2's R50/R101) strides the first 1x1 conv; torchvision the 3x3."""
+    msra = ResNet(BackboneConfig(depth=50, stride_in_1x1=True, trainable_layers=0))
+    tv = ResNet(BackboneConfig(depth=50, trainable_layers=0))
+    assert msra.layer2[0].conv1.stride == (2, 2) and msra.layer2[0].conv2.stride == (1, 1)
+    assert tv.layer2[0].conv1.stride == (1, 1) and tv.layer2[0].conv2.stride == (2, 2)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert [f.shape[-1] for f in msra(x).values()] == [16, 8, 4, 2] == [f.shape[-1] for f in tv(x).values()]
+
+
+def test_widths_groups_and_dilation_follow_the_config() -> None:
+    """Stem and res2 widths, groups x width per group, and a dilated res5 that keeps stride 16 (DC5)."""
+    cfg = BackboneConfig(depth=50, groups=4, width_per_group=2, stem_out_channels=8, res2_out_channels=16,
+                         res5_dilation=2, layout="dc5", trainable_layers=0)
+    body = BackboneWithFPN(cfg, FPNConfig())
+    assert body.body.conv1.out_channels == 8
+    assert body.body.layer1[0].conv2.groups == 4 and body.body.layer1[0].conv1.out_channels == 8
+    assert body.body.out_channels == [16, 32, 64, 128]
+    assert body.body.layer4[0].conv2.dilation == (2, 2) and body.body.layer4[0].downsample[0].stride == (1, 1)
+    with torch.no_grad():
+        feats = body(torch.randn(1, 3, 64, 96))
+    assert list(feats) == ["res5"] and feats["res5"].shape == (1, 128, 4, 6)
+    c4 = BackboneWithFPN(dataclasses.replace(cfg, layout="c4", res5_dilation=1), FPNConfig())
+    with torch.no_grad():
+        feats = c4(torch.randn(1, 3, 64, 96))
+    assert list(feats) == ["res4"] and feats["res4"].shape == (1, 64, 4, 6) and not hasattr(c4.body, "layer4")
 
 
 @pytest.mark.parametrize("size", [(10, 14), (9, 13)])

@@ -135,7 +135,7 @@ def test_usage_error_and_debug(capsys) -> None:
     assert main(["predict"]) == 2  # argparse: missing required arguments
     assert "required" in capsys.readouterr().err
     assert main([]) == 2
-    from maskrcnn.hub import UnknownWeightsError
+    from maskrcnn.weights.zoo import UnknownWeightsError
 
     with pytest.raises(UnknownWeightsError):
         main(["weights", "download", "not_a_model", "--debug"])

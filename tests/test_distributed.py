@@ -28,7 +28,6 @@ from maskrcnn.engine import dist as du
 from maskrcnn.engine.checkpoint import load_checkpoint
 from maskrcnn.engine.evaluator import Evaluator
 from maskrcnn.engine.trainer import Trainer, read_metrics
-from maskrcnn.modeling import mask_rcnn
 from maskrcnn.modeling.mask_rcnn import MaskRCNN
 from maskrcnn.modeling.matcher import BalancedPositiveNegativeSampler
 
@@ -125,21 +124,12 @@ def evaluate(model: MaskRCNN, val: CocoDataset, out_dir: Path) -> dict[str, Any]
     return Evaluator.from_dataset(val, progress=False, batch_size=2, out_dir=out_dir).evaluate(model)
 
 
-_TO_CHW_FLOAT = mask_rcnn.to_chw_float
-
-
-def to_chw_double(image: Any) -> torch.Tensor:
-    """The model's image conversion, in float64 (for a float64 model)."""
-    return _TO_CHW_FLOAT(image).double()
-
-
 def train_one_step_f64(cfg: Config, train: CocoDataset, out_dir: Path) -> None:
-    """One training step of the float64 model, whose arithmetic leaves no rounding to hide a mismatch in."""
-    mask_rcnn.to_chw_float = to_chw_double
-    try:
-        Trainer(fresh_model(cfg).double(), with_iters(cfg, 1), train, out_dir).train()
-    finally:
-        mask_rcnn.to_chw_float = _TO_CHW_FLOAT
+    """One training step of the float64 model, whose arithmetic leaves no rounding to hide a mismatch in.
+
+    The model converts its uint8 images to its own dtype, so a ``.double()`` model trains in float64 throughout.
+    """
+    Trainer(fresh_model(cfg).double(), with_iters(cfg, 1), train, out_dir).train()
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

@@ -22,7 +22,8 @@ pytest.importorskip("onnxscript", reason="needs the [onnx] extra")
 import maskrcnn  # noqa: E402
 from maskrcnn.config import apply_overrides, get_preset  # noqa: E402
 from maskrcnn.export import PROPOSALS, OnnxModel, export_onnx  # noqa: E402
-from maskrcnn.modeling.mask_rcnn import MaskRCNN, to_chw_float  # noqa: E402
+from maskrcnn.io import to_chw_float  # noqa: E402
+from maskrcnn.modeling.mask_rcnn import MaskRCNN  # noqa: E402
 from maskrcnn.ops.masks import paste_masks_legacy  # noqa: E402
 
 BOX_TOL = 1e-2
@@ -202,7 +203,7 @@ def test_no_detections_and_other_sizes(exported: dict) -> None:
         assert "flat_grey_150x260" in empty
     assert exported["outputs"]["crop_97x203"][1]["masks"].shape[1:] == (97, 203)
     # A threshold above every score empties the output too (the graph's score_threshold input).
-    empty = exported["runner"].run(exported["images"]["00.png"], score_threshold=1.0)
+    empty = exported["runner"].model.infer(exported["images"]["00.png"], score_threshold=1.0)
     assert empty["boxes"].shape == (0, 4) and empty["masks"].shape[0] == 0
 
 
@@ -211,7 +212,7 @@ def test_metadata_and_results(exported: dict) -> None:
     if exported["variant"] != "v1":
         pytest.skip("checked on v1 only: the runner's interface, not the weights")
     runner, model = exported["runner"], exported["model"]
-    assert isinstance(runner, OnnxModel)
+    assert isinstance(runner.model, OnnxModel)
     assert runner.cfg.to_dict() == model.cfg.to_dict()
     import onnx
 
@@ -326,3 +327,10 @@ def test_bench_onnx_mode_runs() -> None:
     onnx_run = report["results"]["onnx"]["inference"]["r18_fpn"]
     assert onnx_run["median_s"] > 0 and onnx_run["detections"] == 10 and onnx_run["export_s"] > 0
     assert "onnx" in bench.format_report(report)
+
+
+def test_unsupported_conventions_are_refused() -> None:
+    """A detectron2-convention model is refused with the config values the graph would not reproduce."""
+    cfg = apply_overrides(get_preset("r18_fpn_demo"), ["input.resize_mode=pil", "model.anchors.offset=0.5"])
+    with pytest.raises(NotImplementedError, match="input.resize_mode='pil', model.anchors.offset=0.5"):
+        export_onnx(MaskRCNN(cfg).eval(), "unused.onnx")

@@ -11,7 +11,9 @@ from conftest import assert_close_f32
 
 from maskrcnn.config import Config, apply_overrides, get_preset
 from maskrcnn.modeling import mask_rcnn as model_mod
-from maskrcnn.modeling.mask_rcnn import LOSS_KEYS, MaskRCNN, resize_boxes, to_chw_float
+from maskrcnn.io import to_chw_float
+from maskrcnn.modeling.mask_rcnn import LOSS_KEYS, MaskRCNN, resize_boxes
+from maskrcnn.predict import Predictor
 
 
 def tiny_config(num_classes: int = 2) -> Config:
@@ -119,7 +121,7 @@ def test_predict_returns_results_in_input_coordinates() -> None:
     model = MaskRCNN(tiny_config()).eval()
     img, _ = synthetic_pair(1)
     hwc = img.permute(1, 2, 0).numpy()
-    results = model.predict([hwc, img], score_threshold=0.0)
+    results = Predictor(model).predict([hwc, img], score_threshold=0.0)
     assert len(results) == 2
     for r in results:
         assert r.masks is not None and r.masks.dtype == torch.bool and r.masks.shape[1:] == (64, 80)
@@ -130,7 +132,7 @@ def test_predict_returns_results_in_input_coordinates() -> None:
 
 
 def test_cpu_predict_runs_images_alone_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On the CPU a batch_size > 1 still gives one forward pass per image (see MaskRCNN.predict); opt-in pads."""
+    """On the CPU a batch_size > 1 still gives one forward pass per image (see Predictor.predict); opt-in pads."""
     torch.manual_seed(0)
     model = MaskRCNN(tiny_config()).eval()
     small = (torch.rand(3, 40, 56) * 255).to(torch.uint8)
@@ -138,14 +140,14 @@ def test_cpu_predict_runs_images_alone_unless_asked(monkeypatch: pytest.MonkeyPa
     passes: list[int] = []
     detect = model.detect
     monkeypatch.setattr(model, "detect", lambda images, *a, **k: passes.append(len(images)) or detect(images, *a, **k))
-    batched_alone = model.predict([small, big], score_threshold=0.0, batch_size=2)
+    batched_alone = Predictor(model).predict([small, big], score_threshold=0.0, batch_size=2)
     assert passes == [1, 1]
-    alone = [model.predict(small, score_threshold=0.0)[0], model.predict(big, score_threshold=0.0)[0]]
+    alone = [Predictor(model).predict(small, score_threshold=0.0)[0], Predictor(model).predict(big, score_threshold=0.0)[0]]
     for a, b in zip(batched_alone, alone):
         assert torch.equal(a.boxes, b.boxes) and torch.equal(a.masks, b.masks)
     passes.clear()
     model.batch_on_cpu = True
-    padded = model.predict([small, big], score_threshold=0.0, batch_size=2)
+    padded = Predictor(model).predict([small, big], score_threshold=0.0, batch_size=2)
     assert passes == [2]
     assert [r.image_size for r in padded] == [(40, 56), (64, 80)]
 
@@ -168,7 +170,7 @@ def test_overfits_two_images() -> None:
         history.append(float(loss.detach()))
     tail = sum(history[-5:]) / 5
     assert tail < 0.35 * history[0], (history[0], tail)
-    result = model.predict(data[0][0], score_threshold=0.5)[0]
+    result = Predictor(model).predict(data[0][0], score_threshold=0.5)[0]
     assert sorted(result.labels.tolist())[:2] == [1, 2]
 
 
@@ -222,12 +224,12 @@ def test_bf16_inference_is_opt_in_and_returns_float32(monkeypatch: pytest.Monkey
     torch.manual_seed(0)
     model = MaskRCNN(tiny_config()).eval()
     img, _ = synthetic_pair(2)
-    ref = model.predict(img, score_threshold=0.0)[0]
+    ref = Predictor(model).predict(img, score_threshold=0.0)[0]
     seen: list[torch.dtype] = []
     head = model.rpn.head
     monkeypatch.setattr(head, "forward", lambda feats, f=head.forward: seen.append(feats[0].dtype) or f(feats))
     model.optimize(amp="bf16")
-    out = model.predict(img, score_threshold=0.0)[0]
+    out = Predictor(model).predict(img, score_threshold=0.0)[0]
     assert seen == [torch.bfloat16]  # the features reached the RPN in bfloat16
     assert out.boxes.dtype == out.scores.dtype == torch.float32 and out.masks.dtype == torch.bool
     assert len(out) == len(ref) > 0

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import maskrcnn
-from maskrcnn.modeling.mask_rcnn import to_chw_float
+from maskrcnn.io import to_chw_float
 
 BOX_TOL = 1e-3
 SCORE_TOL = 1e-4

@@ -15,7 +15,6 @@ from pycocotools.coco import COCO
 
 from maskrcnn.config import ModelConfig
 from maskrcnn.predict import Predictor, expand_sources, model_class_names
-from maskrcnn.structures import Result
 
 FIXTURE_MODEL = "torchvision/maskrcnn_r50_fpn_v1"
 
@@ -44,22 +43,21 @@ class StubModel:
         self.cfg = SimpleNamespace(model=ModelConfig(num_classes=len(names), class_names=names,
                                                      category_ids=category_ids))
         self.calls = 0
+        self.batch_on_cpu = True  # one detect() call per batch, as a padded accelerator batch
 
-    def predict(self, images: list[np.ndarray], score_threshold: float | None = None,
-                batch_size: int = 1) -> list[Result]:
-        """One detection per class, each a small rectangle near the top-left corner."""
+    def detect(self, images: list[torch.Tensor], score_threshold: float | None = None,
+               soft_masks: bool = False) -> list[dict[str, torch.Tensor]]:
+        """One detection per class, each a small rectangle near the top-left corner of the (3, H, W) image."""
         self.calls += 1
         out = []
         for img in images:
-            h, w = img.shape[:2]
+            h, w = img.shape[-2:]
             k = self.cfg.model.num_classes
             masks = torch.zeros(k, h, w, dtype=torch.bool)
             for i in range(k):
                 masks[i, i: i + 4, i: i + 5] = True
-            out.append(Result(boxes=torch.tensor([[i, i, i + 5.0, i + 4.0] for i in range(k)]),
-                              scores=torch.linspace(0.9, 0.6, k), labels=torch.arange(1, k + 1), masks=masks,
-                              image_size=(h, w), class_names_table=self.cfg.model.class_names,
-                              category_ids_table=self.cfg.model.category_ids))
+            out.append({"boxes": torch.tensor([[i, i, i + 5.0, i + 4.0] for i in range(k)]),
+                        "scores": torch.linspace(0.9, 0.6, k), "labels": torch.arange(1, k + 1), "masks": masks})
         return out
 
 

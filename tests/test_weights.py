@@ -84,7 +84,7 @@ def test_load_by_registry_name_from_cache_and_mirror(v1_path: Path, tmp_path: Pa
     import hashlib
     import shutil
 
-    from maskrcnn import hub
+    from maskrcnn.weights import zoo as hub
 
     digest = hashlib.sha256(v1_path.read_bytes()).hexdigest()
     entry = hub.WeightsEntry(name="shapes_fixture_v1", url="https://example.invalid/models/shapes_v1.pth",

@@ -37,7 +37,7 @@ import torch
 
 from maskrcnn.runtime import keep_freed_memory
 
-__all__ = ["REFERENCE", "BenchSettings", "MODELS", "MODES", "compare", "format_report", "run_benchmarks",
+__all__ = ["REFERENCE", "BenchSettings", "MODELS", "MODEL_PRESETS", "MODES", "compare", "format_report", "run_benchmarks",
            "write_json"]
 
 # torchvision 0.28, 2 CPU cores, R50-FPN v1, one 800x1216 image, 100 detections with masks pasted, median of 5.
@@ -55,6 +55,13 @@ REFERENCE: dict[str, Any] = {
 }
 
 MODELS = ("r50_fpn_v1", "r50_fpn_v2", "r18_fpn")
+# Each benchmark model's preset. The detectron2 zoo architectures (``--models d2_R_50_C4,...``) run with random
+# weights at full size: their speed does not depend on the weights' values, only on the detections' count.
+MODEL_PRESETS: dict[str, str] = {
+    "r50_fpn_v1": "torchvision_v1", "r50_fpn_v2": "torchvision_v2", "r18_fpn": "r18_fpn_demo",
+    **{f"d2_{arch}": f"mask_rcnn_{arch}_3x" for arch in
+       ("R_50_FPN", "R_50_C4", "R_50_DC5", "R_101_FPN", "R_101_C4", "R_101_DC5", "X_101_32x8d_FPN")},
+}
 # "fast" is load_model's default; "fast_math" adds norm folding and channels-last everywhere (not bit-exact);
 # "compile" is "fast" with the body and FPN of inference through torch.compile (not bit-exact; no training);
 # "bf16" is fast_math under bfloat16 autocast (training too: solver.amp=bf16).
@@ -232,14 +239,14 @@ def build_model(name: str, mode: str, settings: BenchSettings) -> tuple[Any, str
     from maskrcnn.modeling.mask_rcnn import MaskRCNN  # noqa: PLC0415
     from maskrcnn.weights import config_for_torchvision  # noqa: PLC0415
 
-    if name not in MODELS:
-        raise ValueError(f"unknown benchmark model {name!r}; choose from {', '.join(MODELS)}")
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown benchmark model {name!r}; choose from {', '.join(MODEL_PRESETS)}")
     state = _fixture_state(name, settings)
     if state is not None:
         cfg = config_for_torchvision(state)
         source = "torchvision fixture weights"
     else:
-        preset = {"r50_fpn_v1": "torchvision_v1", "r50_fpn_v2": "torchvision_v2", "r18_fpn": "r18_fpn_demo"}[name]
+        preset = MODEL_PRESETS[name]
         cfg = get_preset(preset)
         source = f"random init ({preset} preset)"
     cfg = apply_overrides(cfg, {
@@ -298,9 +305,12 @@ def bench_inference(name: str, mode: str, settings: BenchSettings) -> dict[str, 
     """Latency of ``predict`` on one image (median, s), per-stage medians, detections, FLOPs and peak RSS."""
     from maskrcnn.modeling.timing import StageTimer  # noqa: PLC0415
 
+    from maskrcnn.predict import Predictor  # noqa: PLC0415
+
     if mode == "onnx":
         return bench_onnx_inference(name, settings)
-    model, source = build_model(name, mode, settings)
+    net, source = build_model(name, mode, settings)
+    model = Predictor(net)
     image = _image(settings)
     _reset_peak_rss()
     rss_before = _rss_mb("VmRSS")
@@ -347,8 +357,8 @@ def bench_onnx_inference(name: str, settings: BenchSettings) -> dict[str, Any]:
         runner = OnnxModel(path, threads=settings.threads or torch.get_num_threads())
         _reset_peak_rss()
         rss_before = _rss_mb("VmRSS")
-        runs = _median_runs(lambda: runner.run(image), settings.repeats, settings.warmup)
-        out = runner.run(image)
+        runs = _median_runs(lambda: runner.infer(image), settings.repeats, settings.warmup)
+        out = runner.infer(image)
     # onnxruntime runs the graph as one call: no per-stage times.
     return {"median_s": statistics.median(runs), "runs_s": runs, "stages_s": {},
             "detections": int(out["boxes"].shape[0]), "weights": source, "peak_rss_mb": _peak_rss_mb(),
@@ -408,7 +418,10 @@ def bench_training(batch: int, mode: str, settings: BenchSettings) -> dict[str, 
 
 def bench_throughput(mode: str, settings: BenchSettings) -> dict[str, Any]:
     """Images per second of ``predict(images, batch_size=throughput_batch)`` (on the CPU: one image at a time)."""
-    model, source = build_model(settings.throughput_model, mode, settings)
+    from maskrcnn.predict import Predictor  # noqa: PLC0415
+
+    net, source = build_model(settings.throughput_model, mode, settings)
+    model = Predictor(net)
     images = [_image(settings, i) for i in range(settings.throughput_batch)]
     n = settings.throughput_batch
     _reset_peak_rss()

@@ -18,13 +18,13 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from maskrcnn.engine.demo import DEMO
 from maskrcnn.runtime import keep_freed_memory
 
-__all__ = ["CLIError", "DEMO", "DemoSettings", "build_parser", "main"]
+__all__ = ["CLIError", "build_parser", "main"]
 
 EXIT_OK = 0
 EXIT_ERROR = 2
@@ -35,26 +35,6 @@ logger = logging.getLogger("maskrcnn.cli")
 
 class CLIError(Exception):
     """A command-line problem the user can fix; printed as one ``error:`` line."""
-
-
-@dataclass(frozen=True)
-class DemoSettings:
-    """Everything the demo's result depends on, in one place (the CLI options default to these)."""
-
-    preset: str = "r18_fpn_demo"
-    train_images: int = 1000
-    val_images: int = 50
-    train_seed: int = 1
-    val_seed: int = 2
-    # Side of the square synthetic images, in pixels.
-    image_size: int = 192
-    # None: the preset's solver.max_iter; otherwise the preset's schedule (steps, warmup) is scaled to it.
-    max_iter: int | None = None
-    # Minimum score of the detections drawn on the validation overlays.
-    overlay_score_threshold: float = 0.5
-
-
-DEMO = DemoSettings()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -335,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
              epilog="examples:\n  maskrcnn bench\n  maskrcnn bench --only inference --models r50_fpn_v1 --repeats 3\n"
                     "  maskrcnn bench --modes fast,naive,fast_math --baseline bench/baseline.json")
     p.add_argument("--models", default="r50_fpn_v1,r50_fpn_v2,r18_fpn", metavar="NAMES",
-                   help="comma-separated inference models: r50_fpn_v1, r50_fpn_v2, r18_fpn")
+                   help="comma-separated inference models: r50_fpn_v1, r50_fpn_v2, r18_fpn, and detectron2's zoo "
+                        "architectures d2_R_50_FPN, d2_R_50_C4, d2_R_50_DC5, d2_R_101_FPN, d2_R_101_C4, "
+                        "d2_R_101_DC5, d2_X_101_32x8d_FPN (random weights)")
     p.add_argument("--modes", default="fast,naive", metavar="MODES",
                    help="comma-separated modes to measure (fast, naive, fast_math, compile, bf16, onnx: the exported graph in "
                         "onnxruntime, inference only); ratios are "
@@ -446,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _is_user_error(exc: BaseException) -> bool:
     """True for errors whose message tells the user what to fix (config, weights, data, files, devices)."""
     from maskrcnn.engine.dist import RankFailureError  # noqa: PLC0415
-    from maskrcnn.hub import HubError  # noqa: PLC0415
+    from maskrcnn.weights.zoo import HubError  # noqa: PLC0415
 
     # ConfigError, WeightsError, DatasetError, ImageReadError and AnnotationImportError are ValueErrors;
     # FileNotFoundError and PermissionError are OSErrors; a non-finite training loss is a FloatingPointError;
@@ -544,7 +526,10 @@ def cmd_export(args: argparse.Namespace) -> int:
                        score_threshold=args.score_threshold, nms_threshold=args.nms_threshold,
                        detections_per_img=args.detections_per_img)
     t0 = time.perf_counter()
-    path = export_onnx(model, args.out, opset=args.opset or DEFAULT_OPSET, source=str(args.weights))
+    try:
+        path = export_onnx(model, args.out, opset=args.opset or DEFAULT_OPSET, source=str(args.weights))
+    except NotImplementedError as e:
+        raise CLIError(f"{args.weights}: {e}") from None
     size_mb = path.stat().st_size / 1e6
     print(f"wrote {path} ({size_mb:.1f} MB, opset {args.opset or DEFAULT_OPSET}) in {time.perf_counter() - t0:.1f} s")
     return EXIT_OK
@@ -573,19 +558,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_weights_list(args: argparse.Namespace) -> int:
     """``maskrcnn weights list``: the registry as a table or JSON."""
-    from maskrcnn import hub  # noqa: PLC0415
+    from maskrcnn.weights import zoo  # noqa: PLC0415
 
-    rows = hub.registry_as_json()
+    rows = zoo.registry_as_json()
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
-    header = ["name", "preset", "classes", "box AP", "mask AP", "cached", "description"]
-    table = [[r["name"], r["preset"], str(r["num_classes"]),
+    header = ["name", "format", "classes", "box AP", "mask AP", "check", "cached", "description"]
+    table = [[r["name"], r["format"], str(r["num_classes"]),
               "-" if r["box_ap"] is None else f"{r['box_ap']:.1f}",
               "-" if r["mask_ap"] is None else f"{r['mask_ap']:.1f}",
-              "yes" if r["cached"] else "no", r["description"]] for r in rows]
+              r["check"].split(" (")[0], "yes" if r["cached"] else "no", r["description"]] for r in rows]
     print(_text_table(header, table))
-    print(f"\ncache: {hub.weights_dir()}")
+    print(f"\ncache: {zoo.weights_dir()}")
     return EXIT_OK
 
 
@@ -598,9 +583,9 @@ def _text_table(header: list[str], rows: list[list[str]]) -> str:
 
 def cmd_weights_download(args: argparse.Namespace) -> int:
     """``maskrcnn weights download``: fetch and verify registry weights; prints the cached path."""
-    from maskrcnn import hub  # noqa: PLC0415
+    from maskrcnn.weights import zoo  # noqa: PLC0415
 
-    print(hub.download(args.name, force=args.force))
+    print(zoo.download(args.name, force=args.force))
     return EXIT_OK
 
 
@@ -608,7 +593,7 @@ def cmd_weights_convert(args: argparse.Namespace) -> int:
     """``maskrcnn weights convert``: read any supported checkpoint and save it in this library's format."""
     from maskrcnn.weights import load_model  # noqa: PLC0415
 
-    model = load_model(args.src, min_size=args.min_size, max_size=args.max_size)
+    model = load_model(args.src, min_size=args.min_size, max_size=args.max_size).model
     names = _split_names(args.class_names)
     if names is not None:
         k = int(model.cfg.model.num_classes)
@@ -616,7 +601,9 @@ def cmd_weights_convert(args: argparse.Namespace) -> int:
             raise CLIError(f"--class-names gives {len(names)} names but the model has {k} foreground classes")
         # Names are metadata only (results and the config); nothing in the network depends on them.
         model.cfg = dataclasses.replace(model.cfg, model=dataclasses.replace(model.cfg.model, class_names=tuple(names)))
-    out = model.save(args.out_dir)
+    from maskrcnn.weights import save_model  # noqa: PLC0415
+
+    out = save_model(model, args.out_dir)
     print(f"wrote {out} ({model.cfg.name}, {model.cfg.model.num_classes} classes)")
     return EXIT_OK
 
@@ -638,94 +625,6 @@ def _build_train_config(preset: str, config_file: str | None, overrides: Sequenc
     return cfg
 
 
-def _with_dataset_classes(cfg: Any, dataset: Any) -> Any:
-    """``cfg`` with model.num_classes / class_names / category_ids taken from ``dataset``."""
-    model = dataclasses.replace(cfg.model, num_classes=dataset.num_classes, class_names=tuple(dataset.class_names),
-                                category_ids=tuple(int(c) for c in dataset.category_ids))
-    return dataclasses.replace(cfg, model=model)
-
-
-def _init_from(model: Any, source: str) -> None:
-    """Copy every tensor of checkpoint ``source`` whose name and shape match ``model``'s."""
-    from maskrcnn.weights import WeightsError, load_model  # noqa: PLC0415
-
-    src = load_model(source)
-    have, want = src.cfg.model.backbone, model.cfg.model.backbone
-    if (have.depth, have.layout, have.groups) != (want.depth, want.layout, want.groups):
-        # Same-shaped tensors of a different network would load "successfully" and mean nothing.
-        raise WeightsError(f"{source}: its backbone (depth {have.depth}, {have.layout}, groups {have.groups}) differs "
-                           f"from the config's (depth {want.depth}, {want.layout}, groups {want.groups}); choose a "
-                           f"--preset or model.backbone.* overrides that match the checkpoint")
-    src_state = src.state_dict()
-    own = model.state_dict()
-    matched = {k: v for k, v in src_state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
-    if not matched:
-        raise WeightsError(f"{source}: none of its tensors fit this model (different architecture?)")
-    skipped = sorted(k for k in own if k not in matched and not k.endswith("num_batches_tracked"))
-    model.load_state_dict(matched, strict=False)
-    logger.info("initialised %d of %d tensors from %s%s", len(matched), len(own), source,
-                f"; fresh: {', '.join(skipped[:6])}{' ...' if len(skipped) > 6 else ''}" if skipped else "")
-
-
-def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float | None]:
-    """{"bbox": {"AP": x}} -> {"bbox_AP": x}; nan -> None so metrics.jsonl stays strict JSON."""
-    out: dict[str, float | None] = {}
-    for t in ("bbox", "segm"):
-        for k, v in (metrics.get(t) or {}).items():
-            out[f"{t}_{k}"] = None if isinstance(v, float) and math.isnan(v) else v
-    return out
-
-
-def run_training(cfg: Any, data: str | Path, images: str | Path, out_dir: str | Path,
-                 val_data: str | Path | None = None, val_images: str | Path | None = None,
-                 init_weights: str | None = None, resume: bool = False) -> tuple[Any, dict[str, Any] | None]:
-    """Train ``cfg`` (classes taken from the dataset) into ``out_dir``; returns (model, last eval metrics or None).
-
-    Writes config.yaml, metrics.jsonl, checkpoints/, loss_curves.png, model_final/ and, with validation data,
-    eval/metrics.json and eval/results.json.
-    """
-    from maskrcnn.data import CocoDataset, build_transforms  # noqa: PLC0415
-    from maskrcnn.engine.evaluator import Evaluator  # noqa: PLC0415
-    from maskrcnn.engine.trainer import Trainer  # noqa: PLC0415
-    from maskrcnn.modeling.mask_rcnn import MaskRCNN  # noqa: PLC0415
-
-    for path, what in ((data, "training annotations"), (images, "training image folder"),
-                       (val_data, "validation annotations"), (val_images, "validation image folder")):
-        if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f"{path}: {what} not found")
-    out_dir = Path(out_dir)
-    train_ds = CocoDataset(data, images, transforms=build_transforms(cfg, train=True),
-                           filter_empty=cfg.train.filter_empty, seed=cfg.train.seed)
-    if len(train_ds) == 0:
-        raise CLIError(f"{data}: no training images with usable annotations")
-    cfg = _with_dataset_classes(cfg, train_ds)
-    model = MaskRCNN(cfg)
-    if init_weights is not None:
-        _init_from(model, init_weights)
-
-    eval_fn = None
-    last: dict[str, Any] = {}
-    if val_data is not None:
-        # The validation labels must mean what the training labels mean.
-        val_ds = CocoDataset(val_data, val_images or images, filter_empty=False, category_ids=train_ds.category_ids)
-
-        def eval_fn(m: Any, iteration: int) -> dict[str, Any]:
-            """COCO AP on the validation set, flattened for metrics.jsonl; also writes out_dir/eval/."""
-            ev = Evaluator.from_dataset(val_ds, progress=False, out_dir=out_dir / "eval")
-            last["metrics"] = ev.evaluate(m)
-            return _flat_metrics(last["metrics"])
-
-    trainer = Trainer(model, cfg, train_ds, out_dir, eval_fn=eval_fn)
-    result = trainer.train(resume=resume)
-    if trainer.rank != 0:
-        return trainer.model, last.get("metrics")
-    final = trainer.model.save(out_dir / "model_final")
-    losses = result.get("losses") or {}
-    logger.info("finished at iteration %d, total_loss %s; model saved to %s", result.get("iteration", 0),
-                f"{losses['total_loss']:.4f}" if "total_loss" in losses else "-", final)
-    return trainer.model, last.get("metrics")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     """``maskrcnn train``: train on a COCO dataset; writes the run folder and model_final/."""
     from maskrcnn.engine import dist as du  # noqa: PLC0415
@@ -743,7 +642,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _launch_workers(args, cfg.train.device)
     with du.distributed_session(cfg.train.device, cfg.train.dist_timeout_s):
         _quiet_unless_main()
-        _, metrics = run_training(cfg, args.data, args.images, args.out, val_data=args.val_data,
+        from maskrcnn.engine.runs import train_run  # noqa: PLC0415
+
+        _, metrics = train_run(cfg, args.data, args.images, args.out, val_data=args.val_data,
                                   val_images=args.val_images, init_weights=args.weights, resume=args.resume)
         if du.get_rank() != 0:
             return EXIT_OK
@@ -787,54 +688,6 @@ def _quiet_unless_main() -> None:
 # eval
 
 
-def _apply_model_overrides(model: Any, overrides: Sequence[str]) -> Any:
-    """``model`` rebuilt with config overrides (test-time keys); its weights are kept."""
-    from maskrcnn.config import ConfigError, apply_overrides  # noqa: PLC0415
-    from maskrcnn.modeling.mask_rcnn import MaskRCNN  # noqa: PLC0415
-
-    if not overrides:
-        return model
-    cfg = apply_overrides(model.cfg, list(overrides))
-    new = MaskRCNN(cfg)
-    try:
-        new.load_state_dict(model.state_dict())
-    except RuntimeError as e:
-        raise ConfigError(f"the overrides {' '.join(overrides)} change the network's shape, so the checkpoint "
-                          f"no longer fits: {str(e).splitlines()[0]}") from e
-    return new.to(model.device).eval()
-
-
-def _label_category_ids(model: Any, dataset: Any) -> list[int]:
-    """Dataset category id of each model label: the model's own table, else positional, else identity."""
-    m = model.cfg.model
-    if m.category_ids:
-        return [int(c) for c in m.category_ids]
-    if int(m.num_classes) == dataset.num_classes:
-        return [int(c) for c in dataset.category_ids]
-    # e.g. torchvision's COCO checkpoints: 90 classes whose label is the COCO category id.
-    return list(range(1, int(m.num_classes) + 1))
-
-
-def evaluate_to(model: Any, data: str | Path, images: str | Path, out_dir: str | Path, batch_size: int = 1,
-                progress: bool | None = None) -> dict[str, Any]:
-    """Evaluate ``model`` on a COCO dataset; writes out_dir/metrics.json and results.json; returns the metrics.
-
-    ``progress`` None shows a bar only when stderr is a terminal.
-    """
-    from maskrcnn.data import CocoDataset  # noqa: PLC0415
-    from maskrcnn.engine.evaluator import Evaluator  # noqa: PLC0415
-
-    for path, what in ((data, "annotations"), (images, "image folder")):
-        if not Path(path).exists():
-            raise FileNotFoundError(f"{path}: {what} not found")
-    dataset = CocoDataset(data, images, filter_empty=False)
-    if progress is None:
-        progress = sys.stderr.isatty()  # a bar redrawn into a log file is noise
-    ev = Evaluator.from_dataset(dataset, category_ids=_label_category_ids(model, dataset), batch_size=batch_size,
-                                progress=progress, out_dir=out_dir)
-    return ev.evaluate(model)
-
-
 def _worker_device(device: str | None) -> str | None:
     """``device`` made specific to this worker's GPU (``cuda:LOCAL_RANK``) inside a multi-process run."""
     import torch  # noqa: PLC0415
@@ -861,8 +714,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = load_model(args.weights, min_size=args.min_size, max_size=args.max_size,
                            device=_worker_device(args.device), fast_math=args.fast_math, compile=args.compile,
                            amp=args.amp)
-        model = _apply_model_overrides(model, args.overrides)
-        metrics = evaluate_to(model, args.data, args.images, args.out, batch_size=args.batch_size)
+        from maskrcnn.engine.runs import apply_model_overrides, evaluate_run  # noqa: PLC0415
+
+        model = apply_model_overrides(model, args.overrides)
+        metrics = evaluate_run(model, args.data, args.images, args.out, batch_size=args.batch_size)
         if du.get_rank() != 0:
             return EXIT_OK
     print(format_metrics_table(metrics))
@@ -917,47 +772,6 @@ def cmd_data_yolo(args: argparse.Namespace) -> int:
 # demo
 
 
-def _scale_schedule(cfg: Any, max_iter: int) -> Any:
-    """``cfg`` with solver.max_iter set and its steps, warmup and checkpoint period scaled to match."""
-    solver = cfg.solver
-    factor = max_iter / max(int(solver.max_iter), 1)
-    steps = tuple(max(1, round(s * factor)) for s in solver.steps)
-    warmup = min(int(solver.warmup_iters), max(1, round(solver.warmup_iters * factor)))
-    period = max(1, round(cfg.train.checkpoint_period * factor))
-    return dataclasses.replace(cfg, solver=dataclasses.replace(solver, max_iter=max_iter, steps=steps,
-                                                              warmup_iters=warmup),
-                               train=dataclasses.replace(cfg.train, checkpoint_period=period))
-
-
-def run_demo(out_dir: str | Path, settings: DemoSettings = DEMO, overrides: Sequence[str] = (),
-             device: str | None = None) -> dict[str, Any]:
-    """Shapes data -> train ``settings.preset`` -> evaluate -> overlays; returns the validation metrics."""
-    from maskrcnn.config import apply_overrides, get_preset  # noqa: PLC0415
-    from maskrcnn.data.shapes import generate_shapes  # noqa: PLC0415
-    from maskrcnn.predict import Predictor  # noqa: PLC0415
-
-    out_dir = Path(out_dir)
-    size = (settings.image_size, settings.image_size)
-    train_dir, val_dir = out_dir / "data" / "train", out_dir / "data" / "val"
-    logger.info("generating %d training and %d validation images under %s", settings.train_images,
-                settings.val_images, out_dir / "data")
-    train_ann = generate_shapes(train_dir, settings.train_images, seed=settings.train_seed, image_size=size)
-    val_ann = generate_shapes(val_dir, settings.val_images, seed=settings.val_seed, image_size=size)
-
-    cfg = get_preset(settings.preset)
-    if settings.max_iter is not None:
-        cfg = _scale_schedule(cfg, settings.max_iter)
-    cfg = apply_overrides(cfg, list(overrides))
-    if device is not None:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
-    model, _ = run_training(cfg, train_ann, train_dir, out_dir)
-    model.eval()
-    metrics = evaluate_to(model, val_ann, val_dir, out_dir, progress=False)
-    predictor = Predictor(model, score_threshold=settings.overlay_score_threshold, progress=False)
-    predictor.run([val_dir / "images"], out_dir / "val_predictions")
-    return metrics
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """``maskrcnn demo``: the whole pipeline on synthetic shapes; prints the AP table."""
     from maskrcnn.engine.evaluator import format_metrics_table  # noqa: PLC0415
@@ -966,6 +780,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = dataclasses.replace(DEMO, train_images=args.train_images, val_images=args.val_images,
                                    image_size=args.image_size, max_iter=args.max_iter)
     start = time.perf_counter()
+    from maskrcnn.engine.demo import run_demo  # noqa: PLC0415
+
     metrics = run_demo(args.out, settings, args.overrides, args.device)
     elapsed = time.perf_counter() - start
     out = Path(args.out)

@@ -11,6 +11,7 @@ Configs are frozen dataclasses. Change them with :func:`apply_overrides` (``"a.b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -43,8 +44,10 @@ class InputConfig:
     min_size_test: int = 800
     max_size_test: int = 1333
     size_divisible: int = 32
-    # torchvision resizes with bilinear interpolation and ``recompute_scale_factor=True``.
-    resize_mode: Literal["bilinear"] = "bilinear"
+    # Test-time resize. "bilinear": torchvision's (float image, normalised first, F.interpolate with
+    # recompute_scale_factor). "pil": detectron2's ResizeShortestEdge (output size int(side * scale + 0.5), then
+    # Pillow's antialiased bilinear resize of the uint8 image, before normalising).
+    resize_mode: Literal["bilinear", "pil"] = "bilinear"
     flip_prob: float = 0.5
     # Large-scale jitter (Ghiasi et al.): random scale in [min, max] of the target size, then crop.
     lsj: bool = False
@@ -53,19 +56,29 @@ class InputConfig:
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    """ResNet / ResNeXt body in torchvision's layout (stride on the 3x3 conv)."""
+    """ResNet / ResNeXt body: torchvision's layout by default, MSRA/detectron2's with ``stride_in_1x1``."""
 
     depth: int = 50  # 18, 34, 50, 101 or 152
     groups: int = 1  # 32 for ResNeXt-101 32x8d
+    # Bottleneck width of res2 is groups * width_per_group, doubling at each later stage.
     width_per_group: int = 64  # 8 for ResNeXt-101 32x8d
+    # The stride of a bottleneck's first block sits on its 1x1 conv (MSRA ResNets: detectron2's R50/R101) or on
+    # its 3x3 conv (False: torchvision, and detectron2's X101).
+    stride_in_1x1: bool = False
+    stem_out_channels: int = 64
+    # Output channels of res2, doubling at each later stage; 0 takes torchvision's rule (64 x block expansion).
+    res2_out_channels: int = 0
+    # Dilation of res5 (2 gives the DC5 layout: res5 keeps stride 16).
+    res5_dilation: int = 1
     norm: Literal["frozen_bn", "bn", "syncbn", "gn"] = "frozen_bn"
     # torchvision's FrozenBatchNorm2d default; the published v1 COCO weights were trained with eps=0.
     norm_eps: float = 1e-5
     gn_groups: int = 32
     # Stages trained (0..5), counted from the top as torchvision's ``trainable_backbone_layers``.
     trainable_layers: int = 3
-    # "fpn" (default) or "c4" (ResNet stages 1-4 as the trunk, stage 5 as the RoI head).
-    layout: Literal["fpn", "c4"] = "fpn"
+    # "fpn": C2..C5 into an FPN (P2..P6). "c4": res2-res4 as a stride-16 trunk, res5 as the RoI head shared by
+    # the box and mask branches. "dc5": the whole ResNet with res5 dilated (stride 16), one feature level.
+    layout: Literal["fpn", "c4", "dc5"] = "fpn"
 
 
 @dataclass(frozen=True)
@@ -85,6 +98,16 @@ class AnchorConfig:
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     # torchvision rounds the base anchors to integers; detectron2 does not.
     round_base: bool = True
+    # Stride (px) of each level; empty: the padded batch size // the feature map size (torchvision, which gives
+    # 61 rather than 64 for a 13-row P6 of an 800-row batch); detectron2 fixes them by the backbone (4..64; 16).
+    strides: tuple[int, ...] = ()
+    # Anchor centres sit at (position + offset) * stride: 0.0 in both frameworks.
+    offset: float = 0.0
+    # Precision of the cell-anchor arithmetic: detectron2 computes them in Python floats ("float64").
+    cell_dtype: Literal["float32", "float64"] = "float32"
+    # Cell anchors of a level with several sizes (C4, DC5) in (size, ratio) order (detectron2) rather than
+    # (ratio, size) (torchvision's order).
+    size_major: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,8 +120,15 @@ class RPNConfig:
     post_nms_top_n_train: int = 2000
     post_nms_top_n_test: int = 1000
     nms_thresh: float = 0.7
-    score_thresh: float = 0.0
+    # Minimum proposal score (None: no test). torchvision ranks and thresholds sigmoid probabilities;
+    # detectron2 ranks the logits themselves (``sigmoid_scores`` False), whose order has no float32 ties.
+    score_thresh: float | None = 0.0
+    sigmoid_scores: bool = True
+    # Proposals with a side under this (px) are dropped: >= it kept (torchvision), or > it (detectron2).
     min_box_size: float = 1e-3
+    min_size_inclusive: bool = True
+    # Drop proposals with non-finite boxes or logits before selection (detectron2 at test time).
+    drop_non_finite: bool = False
     fg_iou_thresh: float = 0.7
     bg_iou_thresh: float = 0.3
     batch_size_per_image: int = 256
@@ -116,6 +146,10 @@ class BoxHeadConfig:
     pooler_sampling_ratio: int = 2
     # torchvision: aligned=False (legacy, no half-pixel shift); detectron2: True.
     pooler_aligned: bool = False
+    # FPN level of a RoI: floor(4 + log2(sqrt(area) / 224) + eps) (torchvision, eps 1e-6), or
+    # floor(4 + log2(sqrt(area) / 224 + eps)) (detectron2, eps 1e-8): both poolers use these.
+    pooler_level_eps: float = 1e-6
+    pooler_eps_inside_log: bool = False
     # "two_mlp": TwoMLPHead (v1). "conv_fc": num_convs x conv3x3 (+norm) then one FC (v2).
     head: Literal["two_mlp", "conv_fc"] = "two_mlp"
     num_convs: int = 4
@@ -133,7 +167,13 @@ class BoxHeadConfig:
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100
-    min_box_size: float = 1e-2
+    # Detections with a side under this (px) are dropped (torchvision); None keeps them (detectron2).
+    min_box_size: float | None = 1e-2
+    # Drop RoIs with non-finite boxes or scores before selection (detectron2).
+    drop_non_finite: bool = False
+    # Boxes mapped back to the input image are clipped to it, and those left empty dropped (detectron2's
+    # detector_postprocess); torchvision only rescales them.
+    clip_to_input: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,14 +193,20 @@ class MaskHeadConfig:
     paste_mode: Literal["legacy", "grid_sample"] = "legacy"
     paste_padding: int = 1
     mask_threshold: float = 0.5
+    # A pixel is in the mask when its probability is >= the threshold (detectron2) or > it (torchvision).
+    mask_threshold_inclusive: bool = False
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The whole network."""
 
-    # Foreground classes, K. The classifier has K+1 outputs; index 0 is background.
+    # Foreground classes, K. The classifier has K+1 outputs.
     num_classes: int = 90
+    # Where the classifier's background logit sits: "first" (index 0, torchvision: box deltas and mask logits
+    # for all K+1 classes) or "last" (index K, detectron2: box deltas and mask logits for the K foreground
+    # classes only). Labels in targets and results are 1..K either way.
+    background: Literal["first", "last"] = "first"
     # Names of the K foreground classes (index i -> label i+1).
     class_names: tuple[str, ...] = ()
     # Dataset category id of each foreground class (label i -> category_ids[i-1]); empty means id == label.
@@ -291,11 +337,67 @@ def _r18_fpn_demo() -> Config:
     return Config(name="r18_fpn_demo", model=model, input=inp, solver=solver, train=train)
 
 
+# detectron2's pixel statistics: BGR 0-255; std 1 for the MSRA ResNets, the ImageNet std for ResNeXt.
+DETECTRON2_PIXEL_MEAN_BGR = (103.53, 116.28, 123.675)
+DETECTRON2_PIXEL_STD_MSRA = (1.0, 1.0, 1.0)
+DETECTRON2_PIXEL_STD_RESNEXT = (57.375, 57.120, 58.395)
+
+
+def _detectron2(layout: str, depth: int, resnext: bool, schedule: str) -> Config:
+    """detectron2's ``COCO-InstanceSegmentation/mask_rcnn_{R|X}_{depth}_{layout}_{schedule}.yaml`` model and recipe.
+
+    The conventions that change numbers (fixtures README, "What detectron2 does"): BGR 0-255 input, Pillow
+    resize of the uint8 image, unrounded anchors, ROIAlignV2 (aligned, adaptive sampling), class index K is
+    background, no small-box removal, grid_sample paste; the C4 and DC5 layouts use one stride-16 level with all
+    five anchor sizes and no padding.
+    """
+    single = layout in ("C4", "DC5")
+    backbone = BackboneConfig(depth=depth, groups=32 if resnext else 1, width_per_group=8 if resnext else 64,
+                              stride_in_1x1=not resnext, norm="frozen_bn", norm_eps=1e-5, trainable_layers=3,
+                              layout=layout.lower(), res5_dilation=2 if layout == "DC5" else 1)
+    pooled = 14 if layout == "C4" else 7
+    model = ModelConfig(
+        num_classes=80,
+        background="last",
+        backbone=backbone,
+        anchors=AnchorConfig(round_base=False, strides=(16,) if single else (4, 8, 16, 32, 64), offset=0.0,
+                             cell_dtype="float64", size_major=True),
+        rpn=RPNConfig(pre_nms_top_n_train=12000 if single else 2000, post_nms_top_n_train=2000 if single else 1000,
+                      pre_nms_top_n_test=6000 if single else 1000, post_nms_top_n_test=1000, score_thresh=None,
+                      sigmoid_scores=False, min_box_size=0.0, min_size_inclusive=False, drop_non_finite=True,
+                      smooth_l1_beta=0.0),
+        box_head=BoxHeadConfig(pooler_resolution=pooled, pooler_sampling_ratio=0, pooler_aligned=True,
+                               pooler_level_eps=1e-8, pooler_eps_inside_log=True, smooth_l1_beta=0.0,
+                               min_box_size=None, drop_non_finite=True, clip_to_input=True),
+        mask_head=MaskHeadConfig(pooler_resolution=14, pooler_sampling_ratio=0, pooler_aligned=True,
+                                 num_convs=0 if layout == "C4" else 4, paste_mode="grid_sample",
+                                 mask_threshold_inclusive=True),
+    )
+    long = schedule == "3x"
+    inp = InputConfig(pixel_format="bgr255", pixel_mean=DETECTRON2_PIXEL_MEAN_BGR,
+                      pixel_std=DETECTRON2_PIXEL_STD_RESNEXT if resnext else DETECTRON2_PIXEL_STD_MSRA,
+                      min_size_train=(640, 672, 704, 736, 768, 800) if long else (800,), resize_mode="pil",
+                      size_divisible=0 if single else 32)
+    solver = SolverConfig(base_lr=0.02, ims_per_batch=16, max_iter=270000 if long else 90000,
+                          steps=(210000, 250000) if long else (60000, 80000), warmup_iters=1000)
+    name = f"mask_rcnn_{'X' if resnext else 'R'}_{depth}{'_32x8d' if resnext else ''}_{layout}_{schedule}"
+    return Config(name=name, model=model, input=inp, solver=solver)
+
+
+# The Mask R-CNN configs of detectron2's model zoo, by the zoo's config name.
+_DETECTRON2_ZOO = [("FPN", 50, False, "1x"), ("C4", 50, False, "1x"), ("DC5", 50, False, "1x"),
+                   ("FPN", 50, False, "3x"), ("C4", 50, False, "3x"), ("DC5", 50, False, "3x"),
+                   ("FPN", 101, False, "3x"), ("C4", 101, False, "3x"), ("DC5", 101, False, "3x"),
+                   ("FPN", 101, True, "3x")]
+
 PRESETS: dict[str, typing.Callable[[], Config]] = {
     "torchvision_v1": _torchvision_v1,
     "torchvision_v2": _torchvision_v2,
     "r18_fpn_demo": _r18_fpn_demo,
 }
+for _layout, _depth, _resnext, _sched in _DETECTRON2_ZOO:
+    _cfg = _detectron2(_layout, _depth, _resnext, _sched)
+    PRESETS[_cfg.name] = functools.partial(_detectron2, _layout, _depth, _resnext, _sched)
 
 
 def get_preset(name: str) -> Config:

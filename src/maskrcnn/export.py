@@ -503,6 +503,35 @@ def _toposort(nodes: list[Any], available: set[str]) -> list[Any]:
     return order
 
 
+# Config values whose behaviour the ONNX glue implements only in torchvision's form (the value given here).
+# detectron2's conventions (Pillow resize, anchor offsets, logit ranking, C4 layout, ...) are not exported yet.
+_GRAPH_CONVENTIONS: dict[str, Any] = {
+    "input.resize_mode": "bilinear", "model.background": "first", "model.backbone.layout": "fpn",
+    "model.anchors.offset": 0.0, "model.anchors.cell_dtype": "float32", "model.anchors.size_major": False,
+    "model.rpn.sigmoid_scores": True, "model.rpn.min_size_inclusive": True, "model.rpn.drop_non_finite": False,
+    "model.box_head.pooler_level_eps": LEVEL_EPS, "model.box_head.pooler_eps_inside_log": False,
+    "model.box_head.drop_non_finite": False, "model.box_head.clip_to_input": False,
+    "model.mask_head.mask_threshold_inclusive": False,
+}
+
+
+def _check_conventions(cfg: Config) -> None:
+    """Raise NotImplementedError naming every config value the exported graph would not reproduce."""
+    data = cfg.to_dict()
+    bad = []
+    for key, want in _GRAPH_CONVENTIONS.items():
+        node: Any = data
+        for part in key.split("."):
+            node = node.get(part, want) if isinstance(node, dict) else want
+        if node != want:
+            bad.append(f"{key}={node!r}")
+    if data["model"]["box_head"].get("min_box_size", 0.0) is None:
+        bad.append("model.box_head.min_box_size=None")
+    if bad:
+        raise NotImplementedError(f"the ONNX export implements torchvision's conventions; this model has "
+                                  f"{', '.join(bad)} (not exported yet)")
+
+
 def export_onnx(model: Any, path: str | Path, opset: int = DEFAULT_OPSET, source: str = "") -> Path:
     """Write ``model`` (a MaskRCNN, in eval mode, its config's test-time settings) as one ONNX graph to ``path``.
 
@@ -515,8 +544,7 @@ def export_onnx(model: Any, path: str | Path, opset: int = DEFAULT_OPSET, source
         raise ValueError(f"opset {opset} is too old: the exported graph needs opset {MIN_OPSET} or newer")
     model = getattr(model, "model", model)  # a Predictor facade holds the nn.Module as .model
     cfg: Config = model.cfg
-    if cfg.model.backbone.layout != "fpn":
-        raise NotImplementedError(f"ONNX export supports the FPN layout only, not {cfg.model.backbone.layout!r}")
+    _check_conventions(cfg)
     # The naive path in float32 on the CPU: the fast path's fused kernels, channels-last and autocast are
     # runtime choices of PyTorch, not part of the model.
     work = copy.deepcopy(model).cpu().float().eval()
@@ -584,16 +612,18 @@ def _version() -> str:
 
 
 def _to_hwc_uint8(image: Any) -> np.ndarray:
-    """Any image :func:`maskrcnn.modeling.mask_rcnn.to_chw_float` accepts -> (H, W, 3) uint8 RGB.
+    """Any image :func:`maskrcnn.io.to_chw_tensor` accepts (a path, HWC/CHW array or tensor) -> (H, W, 3) uint8 RGB.
 
     Float images in [0, 1] are scaled by 255 and rounded (exact for images that came from uint8).
     """
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
         return np.ascontiguousarray(image)
-    from maskrcnn.modeling.mask_rcnn import to_chw_float  # noqa: PLC0415
+    from maskrcnn.io import to_chw_tensor  # noqa: PLC0415
 
-    chw = to_chw_float(image)
-    return np.ascontiguousarray((chw.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    chw = to_chw_tensor(image)
+    if chw.dtype != torch.uint8:
+        chw = (chw.to(torch.float32).clamp(0, 1) * 255).round().to(torch.uint8)
+    return np.ascontiguousarray(chw.permute(1, 2, 0).cpu().numpy())
 
 
 class OnnxModel:
@@ -630,8 +660,6 @@ class OnnxModel:
         self.source = meta.get(META_SOURCE, "")
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.training = False
-        # Used by calls that pass no score_threshold; None keeps the graph's default (the exported config's).
-        self.default_score_threshold: float | None = None
 
     def __repr__(self) -> str:
         return f"OnnxModel({str(self.path)!r})"
@@ -651,23 +679,22 @@ class OnnxModel:
             raise RuntimeError("an ONNX model cannot be trained; load the PyTorch weights instead")
         return self
 
-    def run(self, image: np.ndarray, score_threshold: float | None = None) -> dict[str, np.ndarray]:
+    def infer(self, image: np.ndarray, score_threshold: float | None = None) -> dict[str, np.ndarray]:
         """One (H, W, 3) uint8 RGB image -> the graph's outputs as numpy arrays (boxes, scores, labels, masks)."""
         feeds: dict[str, Any] = {"image": image}
-        if score_threshold is None:
-            score_threshold = self.default_score_threshold
         if score_threshold is not None:
             feeds["score_threshold"] = np.asarray(score_threshold, dtype=np.float32)
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
 
     def detect(self, images: list[Tensor], score_threshold: float | None = None, soft_masks: bool = False,
                **_: Any) -> list[dict[str, Any]]:
-        """(3, H, W) float [0, 1] RGB images -> per image boxes (D, 4) XYXY input pixels, scores, labels, masks."""
+        """(3, H, W) uint8 or float [0, 1] RGB images -> per image boxes (D, 4) XYXY input pixels, scores, labels,
+        masks (D, H, W) bool: the interface :class:`maskrcnn.predict.Predictor` drives."""
         if soft_masks:
             raise ValueError("an exported ONNX model outputs binary masks only; soft_masks needs the PyTorch model")
         out = []
         for img in images:
-            arrays = self.run(_to_hwc_uint8(img), score_threshold)
+            arrays = self.infer(_to_hwc_uint8(img), score_threshold)
             det: dict[str, Any] = {"boxes": torch.from_numpy(arrays["boxes"]),
                                    "scores": torch.from_numpy(arrays["scores"]),
                                    "labels": torch.from_numpy(arrays["labels"])}
@@ -703,12 +730,15 @@ _BAKED = ("min_size", "max_size", "nms_threshold", "detections_per_img")
 
 
 def load_onnx(path: str | Path, config: Config | None = None, optimize: bool = True, fast_math: bool = False,
-              compile: bool = False, amp: str = "none", **overrides: Any) -> OnnxModel:
-    """``load_model`` for an ``.onnx`` file: an :class:`OnnxModel`; options the graph has baked in raise.
+              compile: bool = False, amp: str = "none", **overrides: Any) -> Any:
+    """``load_model`` for an ``.onnx`` file: a :class:`~maskrcnn.predict.Predictor` over an :class:`OnnxModel`.
 
-    ``score_threshold`` becomes the default of every call; ``device`` may only be "cpu" or "auto" (onnxruntime's
-    CPU provider). The PyTorch speed options (``fast_math``, ``compile``, ``amp``) do not apply to a graph.
+    ``score_threshold`` becomes the Predictor's default; ``device`` may only be "cpu" or "auto" (onnxruntime's CPU
+    provider). Settings baked into the graph and the PyTorch speed options (``fast_math``, ``compile``, ``amp``)
+    raise ValueError naming the file.
     """
+    from maskrcnn.predict import Predictor  # noqa: PLC0415
+
     baked = [k for k in _BAKED if overrides.get(k) is not None]
     if config is not None:
         baked.append("config")
@@ -723,7 +753,4 @@ def load_onnx(path: str | Path, config: Config | None = None, optimize: bool = T
     unknown = sorted(k for k in overrides if k not in (*_BAKED, "score_threshold"))
     if unknown:
         raise ValueError(f"unknown load_model options: {', '.join(unknown)}")
-    model = OnnxModel(path)
-    if overrides.get("score_threshold") is not None:
-        model.default_score_threshold = float(overrides["score_threshold"])
-    return model
+    return Predictor(OnnxModel(path), score_threshold=overrides.get("score_threshold"))

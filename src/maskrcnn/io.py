@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 T = TypeVar("T")
@@ -179,3 +180,44 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
     finally:
         stop.set()
         worker.join(timeout=5.0)
+
+
+def to_chw_tensor(image: Any) -> torch.Tensor:
+    """A path, or an HWC/CHW uint8/float array or tensor (RGB, grey or RGBA) -> (3, H, W) tensor, dtype kept.
+
+    Paths are decoded with :func:`read_image` (EXIF orientation applied, RGB uint8). Grey images are repeated to
+    three channels and an alpha channel is dropped.
+    """
+    path = None
+    if isinstance(image, (str, Path)):
+        path = str(image)
+        image = read_image(image)
+    if isinstance(image, np.ndarray):
+        arr = np.ascontiguousarray(image)
+        t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+    else:
+        t = image
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"unsupported image type {type(t).__name__}; expected a path, numpy array or tensor")
+    if t.dim() == 2:
+        t = t[None]
+    if t.dim() != 3:
+        where = f" ({path})" if path else ""
+        raise ValueError(f"image must have 2 or 3 dimensions, got shape {tuple(t.shape)}{where}")
+    if t.shape[0] not in (1, 3) and t.shape[-1] in (1, 3, 4):
+        t = t.permute(2, 0, 1)
+    if t.shape[0] == 4:
+        t = t[:3]
+    if t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    if t.shape[0] != 3:
+        raise ValueError(f"cannot tell the channel axis of an image of shape {tuple(t.shape)}")
+    if t.dtype != torch.uint8 and not t.is_floating_point():
+        raise TypeError(f"unsupported image dtype {t.dtype}; expected uint8 or floating point")
+    return t
+
+
+def to_chw_float(image: Any) -> torch.Tensor:
+    """Like :func:`to_chw_tensor`, then float32 RGB in [0, 1] (uint8 divided by 255; float kept as is)."""
+    t = to_chw_tensor(image)
+    return t.to(torch.float32).div(255) if t.dtype == torch.uint8 else t.to(torch.float32)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,25 @@ class Result:
             rec.update(extra)
             out.append(rec)
         return out
+
+
+# Masks are RLE-encoded this many at a time, so encoding never copies more than a few full-image masks at once.
+_ENCODE_CHUNK = 8
+
+
+def results_to_coco(result: Result, image_id: int, category_ids: Sequence[int] | None = None,
+                    chunk_size: int = _ENCODE_CHUNK) -> list[dict[str, Any]]:
+    """COCO results records of one image: bbox XYWH pixels, score, category_id, RLE ``segmentation`` (str counts).
+
+    ``category_ids`` maps contiguous label i to ``category_ids[i - 1]``; by default the result's own table is used.
+    """
+    if category_ids is not None:
+        result = replace(result, category_ids_table=tuple(int(c) for c in category_ids))
+    n = len(result)
+    if result.masks is None or n <= chunk_size:
+        return result.to_coco(image_id)
+    out: list[dict[str, Any]] = []
+    for start in range(0, n, chunk_size):
+        idx = torch.arange(start, min(start + chunk_size, n), device=result.boxes.device)
+        out.extend(result.filter(idx).to_coco(image_id))
+    return out

@@ -8,7 +8,6 @@ loader) or None for torch's global generator.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 

@@ -13,7 +13,6 @@ import json
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,7 +23,7 @@ from pycocotools.cocoeval import COCOeval
 
 from maskrcnn.engine import dist as du
 from maskrcnn.io import prefetch, read_image
-from maskrcnn.structures import Result
+from maskrcnn.structures import Result, results_to_coco
 
 __all__ = [
     "METRIC_NAMES",
@@ -40,26 +39,6 @@ __all__ = [
 # The first six numbers of COCOeval.stats, in order.
 METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
-# Masks are RLE-encoded this many at a time, so encoding never copies more than a few full-image masks at once.
-_ENCODE_CHUNK = 8
-
-
-def results_to_coco(result: Result, image_id: int, category_ids: Sequence[int] | None = None,
-                    chunk_size: int = _ENCODE_CHUNK) -> list[dict[str, Any]]:
-    """COCO results records of one image: bbox XYWH pixels, score, category_id, RLE ``segmentation`` (str counts).
-
-    ``category_ids`` maps contiguous label i to ``category_ids[i - 1]``; by default the result's own table is used.
-    """
-    if category_ids is not None:
-        result = replace(result, category_ids_table=tuple(int(c) for c in category_ids))
-    n = len(result)
-    if result.masks is None or n <= chunk_size:
-        return result.to_coco(image_id)
-    out: list[dict[str, Any]] = []
-    for start in range(0, n, chunk_size):
-        idx = torch.arange(start, min(start + chunk_size, n), device=result.boxes.device)
-        out.extend(result.filter(idx).to_coco(image_id))
-    return out
 
 
 class CocoResultWriter:
@@ -397,6 +376,10 @@ class Evaluator:
         Distributed, rank 0's writer holds every image's records in single-process order, and each other rank's
         only those of its own shard.
         """
+        if not hasattr(model, "predict"):
+            from maskrcnn.predict import Predictor  # noqa: PLC0415 - the facade builds Results from the model's dicts
+
+            model = Predictor(model)
         rank, world = self._rank_world()
         # Whole batches are dealt out, so an image is padded together with the same images as in one process.
         mine = [(k, ids) for k, ids in enumerate(_batches(self.image_ids, self.batch_size)) if k % world == rank]

@@ -63,16 +63,34 @@ def add_upsampled_(x: Tensor, top: Tensor) -> Tensor:
 
 
 class BackboneWithFPN(nn.Module):
-    """ResNet body + FPN; ``body`` and ``fpn`` names match torchvision's state dict."""
+    """The ResNet body and, in the FPN layout, the FPN; ``body`` and ``fpn`` names match torchvision's state dict.
+
+    Layouts (``backbone.layout``): "fpn" gives P2..P6 ("0".."3", "pool"); "c4" stops after res4 and gives
+    {"res4": C4} (stride 16; res5 is the RoI head's); "dc5" runs all four stages with res5 dilated and gives
+    {"res5": C5} (stride 16).
+    """
 
     def __init__(self, backbone_cfg: BackboneConfig, fpn_cfg: FPNConfig) -> None:
-        """Builds the body from ``backbone_cfg`` and an FPN over its four stages."""
+        """Builds the body from ``backbone_cfg`` and, for the FPN layout, an FPN over its four stages."""
         super().__init__()
-        if backbone_cfg.layout != "fpn":
-            raise NotImplementedError(f"backbone layout {backbone_cfg.layout!r} is not implemented; use 'fpn'")
-        self.body = ResNet(backbone_cfg)
-        self.fpn = FeaturePyramidNetwork(self.body.out_channels, fpn_cfg)
-        self.out_channels = fpn_cfg.out_channels
+        layout = backbone_cfg.layout
+        if layout == "dc5" and backbone_cfg.res5_dilation == 1:
+            raise ValueError("the dc5 layout needs model.backbone.res5_dilation=2")
+        self.layout = layout
+        self.body = ResNet(backbone_cfg, num_stages=3 if layout == "c4" else 4)
+        self.fpn: FeaturePyramidNetwork | None = None
+        if layout == "fpn":
+            self.fpn = FeaturePyramidNetwork(self.body.out_channels, fpn_cfg)
+            self.out_channels = fpn_cfg.out_channels
+            # The levels RoIs are pooled from (P6 serves the RPN only).
+            self.pooled_levels = ["0", "1", "2", "3"]
+        else:
+            self.out_channels = self.body.out_channels[-1]
+            self.pooled_levels = ["res4" if layout == "c4" else "res5"]
+
+    def _single_level(self, feats: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
+        """The last stage's map under its detectron2 name (C4 and DC5 layouts)."""
+        return OrderedDict([(self.pooled_levels[0], feats[str(self.body.num_stages - 1)])])
 
     @property
     def compiled(self) -> bool:
@@ -83,16 +101,19 @@ class BackboneWithFPN(nn.Module):
         """Run body and FPN through ``torch.compile`` outside autograd (on) or eagerly always (off)."""
         # Compiled bound methods in __dict__: compiled module wrappers registered as submodules would rename
         # the state dict's keys (``_orig_mod``).
-        self.__dict__["_compiled"] = (torch.compile(self.body.forward), torch.compile(self.fpn.forward)
+        self.__dict__["_compiled"] = (torch.compile(self.body.forward),
+                                      None if self.fpn is None else torch.compile(self.fpn.forward)
                                       ) if enabled else None
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        """(N, 3, H, W) normalised batch -> {"0": P2 (stride 4), ..., "3": P5, "pool": P6}."""
+        """(N, 3, H, W) normalised batch -> {"0": P2 (stride 4), ..., "3": P5, "pool": P6}, or {"res4"|"res5": C}."""
         compiled = self.__dict__.get("_compiled")
         if compiled is not None and not torch.is_grad_enabled():
             try:
                 with stage("backbone"):
                     feats = compiled[0](x)
+                if compiled[1] is None:
+                    return self._single_level(feats)
                 with stage("fpn"):
                     return compiled[1](feats)
             except Exception as e:  # noqa: BLE001 - any failure of the compiler stack; eager always works
@@ -103,5 +124,7 @@ class BackboneWithFPN(nn.Module):
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", stacklevel=2)
         with stage("backbone"):
             feats = self.body(x)
+        if self.fpn is None:
+            return self._single_level(feats)
         with stage("fpn"):
             return self.fpn(feats)

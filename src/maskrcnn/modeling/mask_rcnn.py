@@ -10,27 +10,23 @@ import math
 import os
 import shutil
 from collections import OrderedDict
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskrcnn.config import Config
-from maskrcnn.modeling.backbone import set_fast_path
 from maskrcnn.modeling.box_head import ConvFCHead
 from maskrcnn.modeling.fpn import BackboneWithFPN
 from maskrcnn.modeling.roi_heads import RoIHeads
 from maskrcnn.modeling.rpn import RegionProposalNetwork
 from maskrcnn.modeling.timing import stage
+from maskrcnn.ops.fused import set_fast_path
 from maskrcnn.ops.masks import paste_masks, paste_masks_in_windows
-from maskrcnn.ops.resize import resize_scale
-from maskrcnn.structures import Result
+from maskrcnn.ops.postprocess import detector_postprocess
+from maskrcnn.ops.resize import resize_scale, resize_shortest_edge
 
-ImageInput = Union[str, Path, np.ndarray, Tensor]
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
 
@@ -44,42 +40,23 @@ def _cpp_compiler() -> str | None:
     return shutil.which(cxx) if cxx else (shutil.which("g++") or shutil.which("clang++") or shutil.which("c++"))
 
 
-def to_chw_float(image: ImageInput) -> Tensor:
-    """Any supported image -> (3, H, W) float32 RGB in [0, 1] (uint8 divided by 255; float kept as is).
+def check_image(image: Tensor, index: int = 0) -> Tensor:
+    """A (3, H, W) uint8 or floating-point RGB tensor, returned as is; anything else raises a clear error."""
+    if not isinstance(image, Tensor):
+        raise TypeError(f"image {index}: expected a (3, H, W) tensor, got {type(image).__name__} (the Predictor "
+                        f"reads paths and arrays: maskrcnn.Predictor(model).predict(...))")
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"image {index}: expected shape (3, H, W), got {tuple(image.shape)}")
+    if image.dtype != torch.uint8 and not image.is_floating_point():
+        raise TypeError(f"image {index}: unsupported dtype {image.dtype}; expected uint8 or floating point")
+    return image
 
-    Accepts a path, or an array/tensor that is HWC or CHW, uint8 or float, RGB (or single-channel).
-    """
-    path = None
-    if isinstance(image, (str, Path)):
-        from maskrcnn.io import read_image  # noqa: PLC0415 - only file inputs need the decoder
 
-        path = str(image)
-        image = read_image(image)
-    if isinstance(image, np.ndarray):
-        arr = np.ascontiguousarray(image)
-        t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
-    else:
-        t = image
-    if not isinstance(t, Tensor):
-        raise TypeError(f"unsupported image type {type(t).__name__}; expected a path, numpy array or tensor")
-    if t.dim() == 2:
-        t = t[None]
-    if t.dim() != 3:
-        where = f" ({path})" if path else ""
-        raise ValueError(f"image must have 2 or 3 dimensions, got shape {tuple(t.shape)}{where}")
-    if t.shape[0] not in (1, 3) and t.shape[-1] in (1, 3, 4):
-        t = t.permute(2, 0, 1)
-    if t.shape[0] == 4:
-        t = t[:3]
-    if t.shape[0] == 1:
-        t = t.expand(3, -1, -1)
-    if t.shape[0] != 3:
-        raise ValueError(f"cannot tell the channel axis of an image of shape {tuple(t.shape)}")
-    if t.dtype == torch.uint8:
-        return t.to(torch.float32).div(255)
-    if t.is_floating_point():
-        return t.to(torch.float32)
-    raise TypeError(f"unsupported image dtype {t.dtype}; expected uint8 or floating point")
+def as_uint8(image: Tensor) -> Tensor:
+    """(3, H, W) uint8, or float RGB in [0, 1] rounded to uint8 (for resizes defined on 8-bit images)."""
+    if image.dtype == torch.uint8:
+        return image
+    return image.mul(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def resize_image(image: Tensor, min_size: float, max_size: float) -> Tensor:
@@ -100,10 +77,11 @@ def resize_boxes(boxes: Tensor, original_size: tuple[int, int], new_size: tuple[
 
 
 class MaskRCNN(nn.Module):
-    """Mask R-CNN (He et al. 2017) with a ResNet-FPN backbone, in torchvision's module layout.
+    """Mask R-CNN (He et al. 2017): ResNet/ResNeXt with FPN, C4 or DC5 layout, in torchvision's module names.
 
-    ``forward(images, targets)`` returns the five losses in training mode. ``predict(images)`` returns one
-    :class:`Result` per image. Submodule names equal torchvision's, so its state dicts load unchanged.
+    Tensors in, dicts of tensors out: ``forward(images, targets)`` returns the five losses in training mode and
+    :meth:`detect`'s dicts in eval mode. Paths, arrays and :class:`~maskrcnn.Result` objects are the
+    :class:`~maskrcnn.Predictor`'s business. Submodule names equal torchvision's, so its state dicts load unchanged.
     """
 
     def __init__(self, cfg: Config) -> None:
@@ -112,8 +90,9 @@ class MaskRCNN(nn.Module):
         self.cfg = cfg
         m = cfg.model
         self.backbone = BackboneWithFPN(m.backbone, m.fpn)
-        self.rpn = RegionProposalNetwork(m.rpn, m.anchors, self.backbone.out_channels)
-        self.roi_heads = RoIHeads(m, self.backbone.out_channels)
+        self.rpn = RegionProposalNetwork(m.rpn, m.anchors, self.backbone.out_channels,
+                                         num_levels=1 if self.backbone.fpn is None else len(m.anchors.sizes))
+        self.roi_heads = RoIHeads(m, self.backbone.out_channels, self.backbone.pooled_levels)
         inp = cfg.input
         self.register_buffer("pixel_mean", torch.tensor(inp.pixel_mean, dtype=torch.float32), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(inp.pixel_std, dtype=torch.float32), persistent=False)
@@ -203,21 +182,37 @@ class MaskRCNN(nn.Module):
 
     # -- preprocessing ----------------------------------------------------------------------------------
 
+    def to_float(self, image: Tensor) -> Tensor:
+        """(3, H, W) uint8 or float RGB -> float [0, 1] RGB in the model's dtype (uint8 is divided by 255)."""
+        dtype = self.pixel_mean.dtype
+        if image.dtype == torch.uint8:
+            return image.to(dtype).div(255)
+        return image.to(dtype)
+
     def normalize(self, image: Tensor) -> Tensor:
-        """(3, H, W) RGB [0, 1] -> normalised input in the configured pixel format."""
+        """(3, H, W) uint8, or float RGB in [0, 1] -> normalised input in the configured pixel format.
+
+        "bgr255" takes uint8 values as they are (no round trip through [0, 1], which would move them off the
+        integers that detectron2 normalises).
+        """
         if self.cfg.input.pixel_format == "bgr255":
-            image = image.flip(0) * 255.0
+            dtype = self.pixel_mean.dtype
+            image = image.to(dtype) if image.dtype == torch.uint8 else image.to(dtype) * 255.0
+            image = image.flip(0)
+        else:
+            image = self.to_float(image)
         mean = self.pixel_mean.to(image.dtype)
         std = self.pixel_std.to(image.dtype)
         return (image - mean[:, None, None]) / std[:, None, None]
 
     def batch_images(self, images: list[Tensor]) -> Tensor:
-        """Zero-pad (3, Hi, Wi) images into one (N, 3, H, W) batch, H and W rounded up to ``size_divisible``."""
+        """Zero-pad (3, Hi, Wi) images into one (N, 3, H, W) batch, H and W rounded up to ``size_divisible`` (if > 0)."""
         stride = float(self.cfg.input.size_divisible)
         max_h = max(int(img.shape[-2]) for img in images)
         max_w = max(int(img.shape[-1]) for img in images)
-        max_h = int(math.ceil(float(max_h) / stride) * stride)
-        max_w = int(math.ceil(float(max_w) / stride) * stride)
+        if stride > 0:  # 0: no rounding (detectron2's C4 and DC5 models)
+            max_h = int(math.ceil(float(max_h) / stride) * stride)
+            max_w = int(math.ceil(float(max_w) / stride) * stride)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         batch = torch.empty((len(images), images[0].shape[0], max_h, max_w), dtype=images[0].dtype,
                             device=images[0].device, memory_format=fmt).zero_()
@@ -226,9 +221,15 @@ class MaskRCNN(nn.Module):
         return batch
 
     def preprocess(self, images: list[Tensor], resize: bool) -> tuple[Tensor, list[tuple[int, int]]]:
-        """(3, H, W) RGB [0, 1] images -> padded normalised batch and each image's (H, W) after resizing."""
+        """(3, H, W) uint8 or float [0, 1] RGB images -> padded normalised batch and each image's (H, W) after resizing."""
         out = []
         for img in images:
+            if resize and self.cfg.input.resize_mode == "pil":
+                # detectron2 resizes the uint8 image (Pillow's antialiased bilinear filter), then normalises.
+                img = resize_shortest_edge(as_uint8(img).permute(1, 2, 0), self.min_size_test,
+                                           self.max_size_test).permute(2, 0, 1)
+                out.append(self.normalize(img))
+                continue
             img = self.normalize(img)
             if resize:
                 img = resize_image(img, self.min_size_test, self.max_size_test)
@@ -264,18 +265,18 @@ class MaskRCNN(nn.Module):
                 "losses": {**rpn_losses, **head_losses}}
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None,
-                generator: torch.Generator | None = None) -> dict[str, Tensor] | list[Result]:
+                generator: torch.Generator | None = None) -> dict[str, Tensor] | list[dict[str, Any]]:
         """Training: images already resized by the data pipeline, targets with boxes/labels/masks -> losses.
 
-        images: (3, H, W) uint8 or float [0, 1] RGB; targets: "boxes" (N, 4) XYXY pixels of that image,
-        "labels" (N,) int64 in 1..K, "masks" (N, H, W) uint8. In eval mode this is ``predict(images)``.
+        images: (3, H, W) uint8 or float [0, 1] RGB tensors; targets: "boxes" (N, 4) XYXY pixels of that image,
+        "labels" (N,) int64 in 1..K, "masks" (N, H, W) uint8. In eval mode this is ``detect(images)``.
         """
         if not self.training:
-            return self.predict(images)
+            return self.detect(images)
         if targets is None:
             raise ValueError("training needs targets: a dict with boxes, labels and masks per image")
         dev = self.device
-        imgs = [to_chw_float(img).to(dev) for img in images]
+        imgs = [check_image(img, i).to(dev) for i, img in enumerate(images)]
         tgts = []
         for i, t in enumerate(targets):
             boxes = t["boxes"]
@@ -290,7 +291,7 @@ class MaskRCNN(nn.Module):
     @torch.no_grad()
     def detect(self, images: list[Tensor], score_threshold: float | None = None, soft_masks: bool = False,
                keep_intermediates: bool = False) -> list[dict[str, Any]]:
-        """(3, H, W) float [0, 1] RGB images -> per image detections mapped to the input image.
+        """(3, H, W) uint8 or float [0, 1] RGB images -> per image detections mapped to the input image.
 
         Each dict: boxes (D, 4) XYXY input pixels, scores (D,), labels (D,), masks (D, H, W) bool,
         optionally soft_masks (D, H, W) float; with ``keep_intermediates`` also proposals (P, 4) and mask_logits
@@ -298,7 +299,7 @@ class MaskRCNN(nn.Module):
         """
         dev = self.device
         with stage("transform"):
-            imgs = [img.to(dev) for img in images]
+            imgs = [check_image(img, i).to(dev) for i, img in enumerate(images)]
             batch, sizes = self.preprocess(imgs, resize=True)
         with torch.autocast(dev.type, dtype=AMP_DTYPES[self.amp] or torch.float32, enabled=self.amp != "none"):
             out = self.run(batch, sizes, score_thresh=score_threshold)
@@ -308,21 +309,28 @@ class MaskRCNN(nn.Module):
         results = []
         for i, (det, img) in enumerate(zip(out["detections"], imgs)):
             orig = (int(img.shape[-2]), int(img.shape[-1]))
-            boxes = resize_boxes(det["boxes"], sizes[i], orig)
+            if self.cfg.model.box_head.clip_to_input:
+                # detectron2's detector_postprocess: scale, clip to the input, drop the boxes left empty.
+                boxes, keep, _ = detector_postprocess(det["boxes"], sizes[i], orig)
+                det = {k: v[keep] for k, v in det.items()}
+            else:
+                boxes = resize_boxes(det["boxes"], sizes[i], orig)
             r: dict[str, Any] = {"boxes": boxes, "scores": det["scores"], "labels": det["labels"]}
             if "masks" in det:
                 with stage("paste"):
                     if self.fast and not soft_masks:
                         # Binarised per box window: no (D, H, W) float tensor at all.
                         r["masks"] = paste_masks_in_windows(det["masks"], boxes, orig, mh.paste_mode,
-                                                            mh.paste_padding, threshold=mh.mask_threshold)
+                                                            mh.paste_padding, threshold=mh.mask_threshold,
+                                                            threshold_inclusive=mh.mask_threshold_inclusive)
                     else:
                         if self.fast:
                             pasted = paste_masks_in_windows(det["masks"], boxes, orig, mh.paste_mode,
                                                             mh.paste_padding)
                         else:
                             pasted = paste_masks(det["masks"], boxes, orig, mh.paste_mode, mh.paste_padding)[:, 0]
-                        r["masks"] = pasted > mh.mask_threshold
+                        r["masks"] = (pasted >= mh.mask_threshold if mh.mask_threshold_inclusive
+                                      else pasted > mh.mask_threshold)
                         if soft_masks:
                             r["soft_masks"] = pasted
             if keep_intermediates:
@@ -330,44 +338,3 @@ class MaskRCNN(nn.Module):
                          batch_shape=tuple(batch.shape[-2:]), features=out["features"])
             results.append(r)
         return results
-
-    @torch.no_grad()
-    def predict(self, images: ImageInput | Sequence[ImageInput], score_threshold: float | None = None,
-                batch_size: int = 1, soft_masks: bool = False) -> list[Result]:
-        """Detect objects in images (paths, HWC/CHW uint8/float arrays or tensors, RGB): one Result per image.
-
-        ``score_threshold`` replaces the configured minimum score (0.05) for this call. Up to ``batch_size``
-        images share one zero-padded forward pass on an accelerator; on the CPU each image runs alone unless
-        ``batch_on_cpu`` is set, because there a batch only multiplies the working set (R50-FPN at 800x1216 on
-        2 cores: 0.37 images/s in batches of 8 against 0.50 one at a time, `maskrcnn bench`) and padding to the
-        largest image costs work.
-        """
-        single = isinstance(images, (str, Path, np.ndarray, Tensor))
-        items = [images] if single else list(images)
-        step = max(batch_size, 1) if self.batch_on_cpu or self.device.type != "cpu" else 1
-        was_training = self.training
-        self.eval()
-        try:
-            results: list[Result] = []
-            for start in range(0, len(items), step):
-                chunk = items[start: start + step]
-                with stage("transform"):
-                    tensors = [to_chw_float(x) for x in chunk]
-                for src, t, det in zip(chunk, tensors, self.detect(tensors, score_threshold, soft_masks)):
-                    results.append(Result(
-                        boxes=det["boxes"], scores=det["scores"], labels=det["labels"], masks=det.get("masks"),
-                        soft_masks=det.get("soft_masks"), image_size=(int(t.shape[-2]), int(t.shape[-1])),
-                        class_names_table=tuple(self.cfg.model.class_names),
-                        category_ids_table=tuple(self.cfg.model.category_ids),
-                        image_path=str(src) if isinstance(src, (str, Path)) else None))
-            return results
-        finally:
-            self.train(was_training)
-
-    # -- persistence ----------------------------------------------------------------------------------------
-
-    def save(self, path: str | Path) -> Path:
-        """Write this model in our format (safetensors weights + config JSON) to the directory ``path``."""
-        from maskrcnn.weights import save_model  # noqa: PLC0415 - weights imports modeling
-
-        return save_model(self, path)

@@ -1,4 +1,7 @@
-"""Multi-level RoIAlign: each RoI is pooled from the FPN level that matches its size (FPN paper, Eq. 1)."""
+"""Multi-level RoIAlign: each RoI is pooled from the FPN level that matches its size (FPN paper, Eq. 1).
+
+One feature map gives the C4 layout's single-level pooler.
+"""
 
 from __future__ import annotations
 
@@ -12,21 +15,30 @@ from maskrcnn.ops.roi_align import roi_align
 
 
 class LevelMapper:
-    """Maps RoIs to pyramid levels: k = floor(k0 + log2(sqrt(area) / s0) + eps), clamped to [k_min, k_max]."""
+    """Maps RoIs to pyramid levels (FPN paper, Eq. 1), clamped to [k_min, k_max].
+
+    torchvision: k = floor(k0 + log2(sqrt(area) / s0) + eps) with eps 1e-6 outside the log (the default);
+    detectron2: k = floor(k0 + log2(sqrt(area) / s0 + eps)) with eps 1e-8 inside it (``eps_inside_log``). The two
+    differ for boxes just under a level boundary (sqrt(area) = 112, 224, ... and float32 rounding).
+    """
 
     def __init__(self, k_min: int, k_max: int, canonical_scale: int = 224, canonical_level: int = 4,
-                 eps: float = 1e-6) -> None:
+                 eps: float = 1e-6, eps_inside_log: bool = False) -> None:
         """``canonical_scale`` px RoIs map to ``canonical_level`` (224 -> P4 for ImageNet-sized RoIs)."""
         self.k_min = k_min
         self.k_max = k_max
         self.s0 = canonical_scale
         self.lvl0 = canonical_level
         self.eps = eps
+        self.eps_inside_log = eps_inside_log
 
     def __call__(self, boxlists: list[Tensor]) -> Tensor:
         """Per-image (Ki, 4) XYXY boxes -> (sum Ki,) int64 level index counted from k_min."""
         s = torch.sqrt(torch.cat([box_area(b) for b in boxlists]))
-        target = torch.floor(self.lvl0 + torch.log2(s / self.s0) + torch.tensor(self.eps, dtype=s.dtype))
+        if self.eps_inside_log:
+            target = torch.floor(self.lvl0 + torch.log2(s / self.s0 + self.eps))
+        else:
+            target = torch.floor(self.lvl0 + torch.log2(s / self.s0) + torch.tensor(self.eps, dtype=s.dtype))
         target = torch.clamp(target, min=self.k_min, max=self.k_max)
         return (target.to(torch.int64) - self.k_min).to(torch.int64)
 
@@ -54,8 +66,14 @@ class MultiScaleRoIAlign(nn.Module):
     fast = False
 
     def __init__(self, featmap_names: list[str], output_size: int, sampling_ratio: int, aligned: bool = False,
-                 canonical_scale: int = 224, canonical_level: int = 4) -> None:
-        """Pool ``output_size`` x ``output_size`` bins from the levels ``featmap_names``."""
+                 canonical_scale: int = 224, canonical_level: int = 4, *, scales: list[float] | None = None,
+                 mapper_eps: float = 1e-6, eps_inside_log: bool = False) -> None:
+        """Pool ``output_size`` x ``output_size`` bins from the levels ``featmap_names``.
+
+        ``scales`` (feature px per image px, e.g. 1/4 .. 1/32) are fixed by the backbone in detectron2; None
+        infers them from the map and image sizes as torchvision does. ``mapper_eps`` and ``eps_inside_log`` set
+        the :class:`LevelMapper` (torchvision: 1e-6 outside the log; detectron2: 1e-8 inside).
+        """
         super().__init__()
         self.featmap_names = list(featmap_names)
         self.output_size = (output_size, output_size)
@@ -63,14 +81,25 @@ class MultiScaleRoIAlign(nn.Module):
         self.aligned = aligned
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
+        if scales is not None and len(scales) != len(self.featmap_names):
+            raise ValueError(f"{len(scales)} scales for {len(self.featmap_names)} feature maps")
+        self.scales = None if scales is None else [float(x) for x in scales]
+        self.mapper_eps = mapper_eps
+        self.eps_inside_log = eps_inside_log
         # Set for heads that start with convs; an MLP head wants NCHW, which it flattens without a copy.
         self.channels_last_output = False
 
     def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]) -> Tensor:
-        """Features {name: (N, C, h, w)}, per-image (Ki, 4) XYXY boxes -> (sum Ki, C, out, out)."""
+        """Features {name: (N, C, h, w)}, per-image (Ki, 4) XYXY batch-pixel boxes -> (sum Ki, C, out, out).
+
+        ``image_sizes`` (unpadded (H, W) per image) are read only when the scales are inferred.
+        """
         feats = [features[k] for k in self.featmap_names]
-        max_size = (max(s[0] for s in image_sizes), max(s[1] for s in image_sizes))
-        scales = [infer_scale(tuple(f.shape[-2:]), max_size) for f in feats]
+        if self.scales is None:
+            max_size = (max(s[0] for s in image_sizes), max(s[1] for s in image_sizes))
+            scales = [infer_scale(tuple(f.shape[-2:]), max_size) for f in feats]
+        else:
+            scales = self.scales
         rois = boxes_to_rois(boxes)
         cl = self.fast and self.channels_last_output
         if len(feats) == 1:
@@ -78,7 +107,8 @@ class MultiScaleRoIAlign(nn.Module):
                              channels_last=cl)
         k_min = int(-math.log2(scales[0]))
         k_max = int(-math.log2(scales[-1]))
-        mapper = LevelMapper(k_min, k_max, self.canonical_scale, self.canonical_level)
+        mapper = LevelMapper(k_min, k_max, self.canonical_scale, self.canonical_level, self.mapper_eps,
+                             self.eps_inside_log)
         levels = mapper(boxes)
         c = feats[0].shape[1]
         if self.fast:

@@ -6,10 +6,18 @@ import torch
 from torch import Tensor, nn
 
 from maskrcnn.config import ModelConfig
-from maskrcnn.modeling.box_head import FastRCNNPredictor, build_box_head, fastrcnn_loss, postprocess_detections
+from maskrcnn.modeling.box_head import (
+    FastRCNNPredictor,
+    build_box_head,
+    class_channel,
+    fastrcnn_loss,
+    per_class_outputs,
+    postprocess_detections,
+)
 from maskrcnn.modeling.mask_head import MaskRCNNHeads, MaskRCNNPredictor, maskrcnn_inference, maskrcnn_loss
 from maskrcnn.modeling.matcher import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedPositiveNegativeSampler, Matcher
 from maskrcnn.modeling.poolers import MultiScaleRoIAlign
+from maskrcnn.modeling.res5_head import AvgPoolHead, build_res5, res5_out_channels
 from maskrcnn.modeling.timing import stage
 from maskrcnn.ops.boxes import BoxCoder, box_iou
 
@@ -17,36 +25,54 @@ FPN_LEVELS = ["0", "1", "2", "3"]
 
 
 class RoIHeads(nn.Module):
-    """Box branch (classification + regression) and mask branch over RoIs pooled from the FPN levels P2..P5.
+    """Box branch (classification + regression) and mask branch over RoIs pooled from the backbone's levels.
 
-    With ``fast`` set, inference computes only each detection's own mask channel (see
-    :meth:`MaskRCNNPredictor.class_logits`).
+    FPN and DC5 layouts pool each branch's RoIs from the feature levels (P2..P5, or res5) into its own head. In
+    the C4 layout both branches pool from res4 and run ``res5`` (the last ResNet stage) on their RoIs: the box
+    branch averages its output, the mask branch deconvolves it. With ``fast`` set, inference computes only each
+    detection's own mask channel (see :meth:`MaskRCNNPredictor.class_logits`).
     """
 
     fast = False
 
-    def __init__(self, cfg: ModelConfig, in_channels: int) -> None:
-        """Builds poolers, heads and predictors for ``cfg.num_classes`` foreground classes (+1 background)."""
+    def __init__(self, cfg: ModelConfig, in_channels: int, levels: list[str] | None = None) -> None:
+        """Builds poolers, heads and predictors for ``cfg.num_classes`` foreground classes (+1 background).
+
+        ``in_channels``: channels of the pooled feature ``levels`` (default the FPN's "0".."3").
+        """
         super().__init__()
         bh, mh = cfg.box_head, cfg.mask_head
+        levels = list(levels or FPN_LEVELS)
         k1 = cfg.num_classes + 1
+        self.background = cfg.background
         self.box_cfg = bh
         self.mask_cfg = mh
-        self.box_roi_pool = MultiScaleRoIAlign(FPN_LEVELS, bh.pooler_resolution, bh.pooler_sampling_ratio,
-                                               bh.pooler_aligned)
-        self.box_head = build_box_head(bh, in_channels)
-        self.box_predictor = FastRCNNPredictor(self.box_head.out_features, k1)
+        self.box_roi_pool = MultiScaleRoIAlign(levels, bh.pooler_resolution, bh.pooler_sampling_ratio,
+                                               bh.pooler_aligned, mapper_eps=bh.pooler_level_eps,
+                                               eps_inside_log=bh.pooler_eps_inside_log)
+        self.res5: nn.Module | None = None
+        if cfg.backbone.layout == "c4":
+            self.res5 = build_res5(cfg.backbone, in_channels)
+            in_channels = res5_out_channels(cfg.backbone)
+            self.box_head: nn.Module = AvgPoolHead(in_channels)
+        else:
+            self.box_head = build_box_head(bh, in_channels)
+        self.box_predictor = FastRCNNPredictor(self.box_head.out_features, k1, cfg.background)
         self.box_coder = BoxCoder(bh.bbox_reg_weights)
         self.proposal_matcher = Matcher(bh.fg_iou_thresh, bh.bg_iou_thresh, allow_low_quality_matches=False)
         self.fg_bg_sampler = BalancedPositiveNegativeSampler(bh.batch_size_per_image, bh.positive_fraction)
         self.mask_roi_pool: MultiScaleRoIAlign | None = None
         self.mask_head: MaskRCNNHeads | None = None
         self.mask_predictor: MaskRCNNPredictor | None = None
+        # Side of the predicted masks: the deconvolution doubles the pooled size, which res5 (C4) halves first.
+        self.mask_size = mh.pooler_resolution * (1 if self.res5 is not None else 2)
         if mh.enabled:
-            self.mask_roi_pool = MultiScaleRoIAlign(FPN_LEVELS, mh.pooler_resolution, mh.pooler_sampling_ratio,
-                                                    mh.pooler_aligned)
+            self.mask_roi_pool = MultiScaleRoIAlign(levels, mh.pooler_resolution, mh.pooler_sampling_ratio,
+                                                    mh.pooler_aligned, mapper_eps=bh.pooler_level_eps,
+                                                    eps_inside_log=bh.pooler_eps_inside_log)
             self.mask_head = MaskRCNNHeads(in_channels, mh)
-            self.mask_predictor = MaskRCNNPredictor(self.mask_head.out_channels, mh.conv_dim, k1)
+            self.mask_predictor = MaskRCNNPredictor(self.mask_head.out_channels, mh.conv_dim,
+                                                    per_class_outputs(cfg.num_classes, cfg.background))
 
     # -- training-time sampling -------------------------------------------------------------------------
 
@@ -113,6 +139,9 @@ class RoIHeads(nn.Module):
         with stage("box_head"):
             with stage("box_head.roi_align"):
                 pooled = self.box_roi_pool(features, proposals, image_sizes)
+            if self.res5 is not None:
+                pooled = self.res5(pooled)
+            shared = pooled if self.res5 is not None and self.training else None
             class_logits, box_regression = self.box_predictor(self.box_head(pooled))
             # float32 for the losses and the box decoding under autocast (no-ops otherwise).
             class_logits, box_regression = class_logits.float(), box_regression.float()
@@ -120,30 +149,38 @@ class RoIHeads(nn.Module):
             results: list[dict[str, Tensor]] = []
             if self.training:
                 loss_cls, loss_box = fastrcnn_loss(class_logits, box_regression, labels, regression_targets,
-                                                   self.box_cfg.smooth_l1_beta)
+                                                   self.box_cfg.smooth_l1_beta, self.background)
                 losses = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
             else:
                 results = postprocess_detections(class_logits, box_regression, proposals, image_sizes,
-                                                 self.box_coder, self.box_cfg, score_thresh)
+                                                 self.box_coder, self.box_cfg, score_thresh, self.background)
         if self.mask_head is None:
             return results, losses
         assert self.mask_roi_pool is not None and self.mask_predictor is not None
         if self.training:
-            pos_props, pos_idxs = [], []
+            pos_props, pos_idxs, pos_rows = [], [], []
+            offset = 0
             for props, lab, idx in zip(proposals, labels, matched_idxs):
                 p = torch.where(lab > 0)[0]
                 pos_props.append(props[p])
                 pos_idxs.append(idx[p])
+                pos_rows.append(p + offset)
+                offset += props.shape[0]
             with stage("mask_head"):
-                with stage("mask_head.roi_align"):
-                    pooled = self.mask_roi_pool(features, pos_props, image_sizes)
+                if shared is not None:
+                    # C4: the box branch's res5 output of the positive RoIs is the mask branch's input too.
+                    pooled = shared[torch.cat(pos_rows)]
+                else:
+                    with stage("mask_head.roi_align"):
+                        pooled = self.mask_roi_pool(features, pos_props, image_sizes)
                 mask_logits = self.mask_predictor(self.mask_head(pooled)).float()
+                gt_channels = [class_channel(t["labels"], self.background) for t in targets]
                 losses["loss_mask"] = maskrcnn_loss(mask_logits, pos_props, [t["masks"] for t in targets],
-                                                    [t["labels"] for t in targets], pos_idxs)
+                                                    gt_channels, pos_idxs)
         else:
             det_boxes = [r["boxes"] for r in results]
             if sum(b.shape[0] for b in det_boxes) == 0:
-                m = 2 * self.mask_cfg.pooler_resolution
+                m = self.mask_size
                 for r in results:
                     r["mask_logits"] = r["boxes"].new_zeros((0, m, m))
                     r["masks"] = r["boxes"].new_zeros((0, 1, m, m))
@@ -151,7 +188,9 @@ class RoIHeads(nn.Module):
             with stage("mask_head"):
                 with stage("mask_head.roi_align"):
                     pooled = self.mask_roi_pool(features, det_boxes, image_sizes)
-                labels_det = [r["labels"] for r in results]
+                if self.res5 is not None:
+                    pooled = self.res5(pooled)
+                labels_det = [class_channel(r["labels"], self.background) for r in results]
                 counts = [b.shape[0] for b in det_boxes]
                 if self.fast:
                     chosen = self.mask_predictor.class_logits(self.mask_head(pooled), torch.cat(labels_det)).float()

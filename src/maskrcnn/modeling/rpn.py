@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -16,7 +18,8 @@ from maskrcnn.modeling.matcher import (
     Matcher,
 )
 from maskrcnn.modeling.timing import stage
-from maskrcnn.ops.boxes import BoxCoder, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+from maskrcnn.ops.boxes import BoxCoder, box_iou
+from maskrcnn.ops.postprocess import find_top_rpn_proposals
 
 
 class RPNHead(nn.Module):
@@ -64,11 +67,22 @@ def concat_box_prediction_layers(logits: list[Tensor], deltas: list[Tensor]) -> 
 class RegionProposalNetwork(nn.Module):
     """Proposals from anchors; in training also the objectness and box-regression losses."""
 
-    def __init__(self, cfg: RPNConfig, anchor_cfg: AnchorConfig, in_channels: int) -> None:
-        """Builds the anchor generator, the head and the training-time matcher/sampler from the configs."""
+    def __init__(self, cfg: RPNConfig, anchor_cfg: AnchorConfig, in_channels: int, num_levels: int = 5) -> None:
+        """Builds the anchor generator, the head and the training-time matcher/sampler from the configs.
+
+        With one feature level (C4, DC5) every anchor size sits on it (15 anchors per position).
+        """
         super().__init__()
         self.cfg = cfg
-        self.anchor_generator = AnchorGenerator(anchor_cfg)
+        sizes = anchor_cfg.sizes if num_levels > 1 else (tuple(anchor_cfg.sizes),)
+        if anchor_cfg.strides and len(anchor_cfg.strides) != len(sizes):
+            raise ValueError(f"model.anchors.strides gives {len(anchor_cfg.strides)} strides for {len(sizes)} feature "
+                             f"level(s) of this layout: set one stride per level (e.g. [16] for C4 and DC5, "
+                             f"[4, 8, 16, 32, 64] for FPN), or [] to derive them from the feature maps")
+        self.anchor_generator = AnchorGenerator(
+            dataclasses.replace(anchor_cfg, sizes=sizes), strides=anchor_cfg.strides or None,
+            offset=anchor_cfg.offset, size_major=anchor_cfg.size_major,
+            compute_dtype=torch.float64 if anchor_cfg.cell_dtype == "float64" else None)
         self.head = RPNHead(in_channels, self.anchor_generator.num_anchors_per_location, cfg.num_convs)
         self.box_coder = BoxCoder(cfg.bbox_reg_weights)
         self.proposal_matcher = Matcher(cfg.fg_iou_thresh, cfg.bg_iou_thresh, cfg.allow_low_quality_matches)
@@ -80,45 +94,21 @@ class RegionProposalNetwork(nn.Module):
     def _post_nms_top_n(self) -> int:
         return self.cfg.post_nms_top_n_train if self.training else self.cfg.post_nms_top_n_test
 
-    def _top_n_idx(self, objectness: Tensor, num_anchors_per_level: list[int]) -> Tensor:
-        r = []
-        offset = 0
-        for ob in objectness.split(num_anchors_per_level, 1):
-            k = min(self._pre_nms_top_n(), ob.shape[1])
-            _, idx = ob.topk(k, dim=1)
-            r.append(idx + offset)
-            offset += ob.shape[1]
-        return torch.cat(r, dim=1)
-
     def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_sizes: list[tuple[int, int]],
                          num_anchors_per_level: list[int]) -> tuple[list[Tensor], list[Tensor]]:
-        """(N, A_total, 4) decoded anchors + logits -> per image (P, 4) XYXY proposals and (P,) probabilities.
+        """(N, A_total, 4) decoded anchors + logits -> per image (P, 4) XYXY proposals and (P,) scores.
 
-        Top-k per level, clip to the image, drop tiny boxes, NMS within each level, keep the post-NMS top-n.
+        Top-k per level, clip to the image, drop small boxes, NMS within each level, keep the post-NMS top-n
+        (:func:`maskrcnn.ops.postprocess.find_top_rpn_proposals`, with this config's conventions).
         """
         num_images = proposals.shape[0]
-        device = proposals.device
         objectness = objectness.detach().reshape(num_images, -1)
-        levels = torch.cat([torch.full((n,), idx, dtype=torch.int64, device=device)
-                            for idx, n in enumerate(num_anchors_per_level)], 0)
-        levels = levels.reshape(1, -1).expand_as(objectness)
-        top_n_idx = self._top_n_idx(objectness, num_anchors_per_level)
-        batch_idx = torch.arange(num_images, device=device)[:, None]
-        objectness = objectness[batch_idx, top_n_idx]
-        levels = levels[batch_idx, top_n_idx]
-        proposals = proposals[batch_idx, top_n_idx]
-        probs = torch.sigmoid(objectness)
-        final_boxes, final_scores = [], []
-        for boxes, scores, lvl, size in zip(proposals, probs, levels, image_sizes):
-            boxes = clip_boxes_to_image(boxes, size)
-            keep = remove_small_boxes(boxes, self.cfg.min_box_size)
-            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
-            keep = torch.where(scores >= self.cfg.score_thresh)[0]
-            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
-            keep = batched_nms(boxes, scores, lvl, self.cfg.nms_thresh)[: self._post_nms_top_n()]
-            final_boxes.append(boxes[keep])
-            final_scores.append(scores[keep])
-        return final_boxes, final_scores
+        c = self.cfg
+        return find_top_rpn_proposals(
+            list(proposals.split(num_anchors_per_level, 1)), list(objectness.split(num_anchors_per_level, 1)),
+            image_sizes, c.nms_thresh, self._pre_nms_top_n(), self._post_nms_top_n(), c.min_box_size,
+            min_size_inclusive=c.min_size_inclusive, score_thresh=c.score_thresh, sigmoid_scores=c.sigmoid_scores,
+            drop_non_finite=c.drop_non_finite and not self.training)
 
     def assign_targets_to_anchors(self, anchors: Tensor, targets: list[dict[str, Tensor]]
                                   ) -> tuple[list[Tensor], list[Tensor]]:

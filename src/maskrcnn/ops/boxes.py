@@ -40,12 +40,22 @@ def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     return torch.stack((boxes_x, boxes_y), dim=dim).reshape(boxes.shape)
 
 
-def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
-    """Indices (K,) of (N, 4) XYXY boxes whose width and height are both >= ``min_size`` pixels."""
+def small_box_keep_mask(boxes: Tensor, min_size: float, inclusive: bool = True) -> Tensor:
+    """(N,) bool of (N, 4) XYXY boxes whose width and height are both >= ``min_size`` px (> when not inclusive).
+
+    torchvision's ``remove_small_boxes`` compares with >=; detectron2's ``Boxes.nonempty(threshold)`` with >,
+    so with ``min_size`` 0 it drops exactly the empty (zero-width or zero-height) boxes.
+    """
     ws = boxes[:, 2] - boxes[:, 0]
     hs = boxes[:, 3] - boxes[:, 1]
-    keep = (ws >= min_size) & (hs >= min_size)
-    return torch.where(keep)[0]
+    if inclusive:
+        return (ws >= min_size) & (hs >= min_size)
+    return (ws > min_size) & (hs > min_size)
+
+
+def remove_small_boxes(boxes: Tensor, min_size: float, inclusive: bool = True) -> Tensor:
+    """Indices (K,) of (N, 4) XYXY boxes whose width and height are both >= ``min_size`` px (> if not inclusive)."""
+    return torch.where(small_box_keep_mask(boxes, min_size, inclusive))[0]
 
 
 class BoxCoder:

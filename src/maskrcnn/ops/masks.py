@@ -132,13 +132,27 @@ def paste_masks_legacy(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tu
     return out[:, None].to(masks.dtype)
 
 
-def paste_masks_grid_sample(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int, int]) -> torch.Tensor:
-    """detectron2's paste: (N, 1, M, M) soft masks into (N, 1, H, W) by ``grid_sample`` at pixel centres."""
+def paste_masks_grid_sample(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int, int],
+                            threshold: float | None = None, threshold_inclusive: bool = True,
+                            window_margin: int | None = None) -> torch.Tensor:
+    """detectron2's paste: (N, 1, M, M) soft masks at (N, 4) XYXY px boxes into (N, 1, H, W), by ``grid_sample``.
+
+    Each pixel centre (x + 0.5, y + 0.5) samples the mask bilinearly (zeros padding, align_corners=False) at
+    u = (x + 0.5 - x0) / (x1 - x0) * 2 - 1 (the same in y). The result is soft, or, with ``threshold``, bool:
+    value >= threshold (``threshold_inclusive``, detectron2) or > threshold.
+
+    ``window_margin`` m restricts each mask to [max(floor(x0) - m, 0), min(ceil(x1) + m, W)) x (the same in y),
+    0 (False) elsewhere, as detectron2's ``paste_masks_in_image`` does on CPU with m = 1; None samples the whole
+    image (its ``_do_paste_mask(skip_empty=False)``). For boxes with x0 <= x1 and y0 <= y1 the two give the same
+    bool masks: outside a box a sample weighs the border texel by less than 1/2 against the zero padding, so it
+    stays below 0.5. They differ for inverted boxes, whose mirrored mask fills the pixels between x1 and x0.
+    """
     n = masks.shape[0]
     im_h, im_w = image_shape
     if n == 0:
-        return masks.new_zeros((0, 1, im_h, im_w))
-    x0, y0, x1, y1 = torch.split(boxes.to(torch.float32), 1, dim=1)
+        return masks.new_zeros((0, 1, im_h, im_w), dtype=torch.bool if threshold is not None else None)
+    b = boxes.to(torch.float32)
+    x0, y0, x1, y1 = torch.split(b, 1, dim=1)
     img_y = torch.arange(0, im_h, device=masks.device, dtype=torch.float32) + 0.5
     img_x = torch.arange(0, im_w, device=masks.device, dtype=torch.float32) + 0.5
     img_y = (img_y - y0) / (y1 - y0) * 2 - 1
@@ -146,7 +160,19 @@ def paste_masks_grid_sample(masks: torch.Tensor, boxes: torch.Tensor, image_shap
     gx = img_x[:, None, :].expand(n, im_h, im_w)
     gy = img_y[:, :, None].expand(n, im_h, im_w)
     grid = torch.stack([gx, gy], dim=3)
-    return torch.nn.functional.grid_sample(masks, grid.to(masks.dtype), align_corners=False)
+    out = torch.nn.functional.grid_sample(masks, grid.to(masks.dtype), align_corners=False)
+    if threshold is not None:
+        out = out >= threshold if threshold_inclusive else out > threshold
+    if window_margin is not None:
+        lo = (b[:, :2].floor() - window_margin).clamp(min=0)
+        hi = torch.minimum(b[:, 2:].ceil() + window_margin, torch.tensor([im_w, im_h], dtype=b.dtype, device=b.device))
+        cols = torch.arange(im_w, device=b.device, dtype=b.dtype)
+        rows = torch.arange(im_h, device=b.device, dtype=b.dtype)
+        in_x = (cols[None, :] >= lo[:, 0:1]) & (cols[None, :] < hi[:, 0:1])
+        in_y = (rows[None, :] >= lo[:, 1:2]) & (rows[None, :] < hi[:, 1:2])
+        inside = (in_y[:, :, None] & in_x[:, None, :])[:, None]
+        out = torch.where(inside, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out
 
 
 def _legacy_windows(boxes: torch.Tensor, m: int, padding: int) -> torch.Tensor:
@@ -160,8 +186,12 @@ def _legacy_windows(boxes: torch.Tensor, m: int, padding: int) -> torch.Tensor:
 
 
 def paste_masks_in_windows(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int, int],
-                           mode: str = "legacy", padding: int = 1, threshold: float | None = None) -> torch.Tensor:
+                           mode: str = "legacy", padding: int = 1, threshold: float | None = None,
+                           threshold_inclusive: bool = False) -> torch.Tensor:
     """Paste (N, 1, M, M) soft masks at (N, 4) XYXY boxes: (N, H, W) soft masks, or bool ``> threshold``.
+
+    ``threshold_inclusive`` compares with >= instead (detectron2's ``paste_masks_in_image``; torchvision's
+    fixtures threshold with >).
 
     Same values as :func:`paste_masks`, but each mask is resized only over its own box (torchvision's per-box
     ``F.interpolate`` for "legacy", ``grid_sample`` over the box plus its half-texel border for "grid_sample")
@@ -219,7 +249,7 @@ def paste_masks_in_windows(masks: torch.Tensor, boxes: torch.Tensor, image_shape
             grid = torch.stack([img_x[None, :].expand(cy1 - cy0, -1), img_y[:, None].expand(-1, cx1 - cx0)], dim=2)
             win = torch.nn.functional.grid_sample(src[i: i + 1], grid[None].to(src.dtype), align_corners=False)[0, 0]
         if threshold is not None:
-            out[i, cy0:cy1, cx0:cx1] = win > threshold
+            out[i, cy0:cy1, cx0:cx1] = win >= threshold if threshold_inclusive else win > threshold
         else:
             out[i, cy0:cy1, cx0:cx1] = win
     return out

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from maskrcnn.coco_names import TORCHVISION_COCO_CLASS_NAMES
+from maskrcnn.weights.coco_names import COCO_CLASS_NAMES, CONTIGUOUS_TO_COCO_ID, TORCHVISION_COCO_CLASS_NAMES
 
 WeightsFormat = Literal["torchvision", "detectron2", "maskrcnn"]
 FORMATS: tuple[str, ...] = ("torchvision", "detectron2", "maskrcnn")
@@ -50,7 +50,7 @@ _CONTENT_RANGE_UNSATISFIED = re.compile(r"bytes\s+\*/(\d+)")
 
 
 class HubError(Exception):
-    """Base class of the errors raised by :mod:`maskrcnn.hub`."""
+    """Base class of the errors raised by :mod:`maskrcnn.weights.zoo`."""
 
 
 class DownloadError(HubError, OSError):
@@ -79,15 +79,21 @@ class WeightsEntry:
         name: registry key, e.g. ``"maskrcnn_resnet50_fpn"``.
         url: where the file is published.
         sha256: the file's SHA-256 in lower-case hex, full (64 digits) or a prefix of at least 8 digits;
-            verification compares only the digits given (see the module docstring).
+            verification compares only the digits given (see the module docstring). Empty when the publisher
+            gives none (detectron2's zoo): the first download is then recorded beside the file
+            (``<file>.sha256``), not verified.
         format: ``"torchvision"``, ``"detectron2"`` or ``"maskrcnn"`` (our own checkpoint format): which
             converter reads the file.
         preset: name of the config preset (:func:`maskrcnn.config.get_preset`) that the weights need.
         num_classes: foreground classes K, as in ``ModelConfig.num_classes`` (the classifier has K + 1 outputs).
         class_names: the K foreground names; label i -> ``class_names[i - 1]``.
+        category_ids: the dataset category id of each label (label i -> ``category_ids[i - 1]``); empty when
+            the label is the id (torchvision's COCO models).
         box_ap, mask_ap: published COCO val2017 AP (IoU 0.50:0.95), or ``None`` when unknown.
         description: one line for listings.
         file_name: name in the cache; defaults to the last path component of ``url``.
+        kind: ``"mask_rcnn"`` (a whole model) or ``"backbone"`` (ImageNet weights of the ResNet body only, to
+            start training from: ``maskrcnn train --weights NAME``).
     """
 
     name: str
@@ -97,15 +103,17 @@ class WeightsEntry:
     preset: str
     num_classes: int
     class_names: tuple[str, ...] = ()
+    category_ids: tuple[int, ...] = ()
     box_ap: float | None = None
     mask_ap: float | None = None
     description: str = ""
     file_name: str = ""
+    kind: Literal["mask_rcnn", "backbone"] = "mask_rcnn"
 
     def __post_init__(self) -> None:
         """Validate the fields and fill in ``file_name``."""
         digest = self.sha256.strip().lower()
-        if not (MIN_SHA256_PREFIX <= len(digest) <= 64 and _HEX.fullmatch(digest)):
+        if digest and not (MIN_SHA256_PREFIX <= len(digest) <= 64 and _HEX.fullmatch(digest)):
             raise ValueError(
                 f"weights {self.name!r}: sha256 must be {MIN_SHA256_PREFIX} to 64 hex digits, got {self.sha256!r}"
             )
@@ -127,7 +135,12 @@ class WeightsEntry:
     @property
     def sha256_is_prefix(self) -> bool:
         """True when only a prefix of the SHA-256 is known."""
-        return len(self.sha256) < 64
+        return 0 < len(self.sha256) < 64
+
+    @property
+    def sha256_known(self) -> bool:
+        """False when the publisher gives no digest at all, so a download cannot be verified."""
+        return bool(self.sha256)
 
 
 def _torchvision_coco(name: str, file_hash: str, preset: str, box_ap: float, mask_ap: float,
@@ -142,11 +155,66 @@ def _torchvision_coco(name: str, file_hash: str, preset: str, box_ap: float, mas
         box_ap=box_ap, mask_ap=mask_ap, description=description)
 
 
+# detectron2's COCO Mask R-CNN zoo: (config name, model id, file suffix, box AP, mask AP) from its MODEL_ZOO.md.
+_DETECTRON2_MASK_RCNN = (
+    ("mask_rcnn_R_50_C4_1x", 137259246, "9243eb", 36.8, 32.2),
+    ("mask_rcnn_R_50_DC5_1x", 137260150, "4f86c3", 38.3, 34.2),
+    ("mask_rcnn_R_50_FPN_1x", 137260431, "a54504", 38.6, 35.2),
+    ("mask_rcnn_R_50_C4_3x", 137849525, "4ce675", 39.8, 34.4),
+    ("mask_rcnn_R_50_DC5_3x", 137849551, "84107b", 40.0, 35.9),
+    ("mask_rcnn_R_50_FPN_3x", 137849600, "f10217", 41.0, 37.2),
+    ("mask_rcnn_R_101_C4_3x", 138363239, "a2914c", 42.6, 36.7),
+    ("mask_rcnn_R_101_DC5_3x", 138363294, "0464b7", 41.9, 37.3),
+    ("mask_rcnn_R_101_FPN_3x", 138205316, "a3ec72", 42.9, 38.6),
+    ("mask_rcnn_X_101_32x8d_FPN_3x", 139653917, "2d9806", 44.3, 39.5),
+)
+
+
+def _detectron2_coco(config: str, model_id: int, suffix: str, box_ap: float, mask_ap: float) -> WeightsEntry:
+    """A detectron2 model-zoo COCO Mask R-CNN (80 classes in ascending COCO id order, background last)."""
+    arch = config[len("mask_rcnn_"):].rsplit("_", 1)[0].replace("_", "-")
+    return WeightsEntry(
+        name=f"detectron2_{config}",
+        url=(f"https://dl.fbaipublicfiles.com/detectron2/COCO-InstanceSegmentation/{config}/{model_id}/"
+             f"model_final_{suffix}.pkl"),
+        # detectron2 publishes no digest (the file-name suffix is not a SHA-256 prefix).
+        sha256="", format="detectron2", preset=config, num_classes=len(COCO_CLASS_NAMES),
+        class_names=COCO_CLASS_NAMES, category_ids=CONTIGUOUS_TO_COCO_ID, box_ap=box_ap, mask_ap=mask_ap,
+        description=f"Mask R-CNN {arch} ({config.rsplit('_', 1)[1]}), detectron2 model zoo (COCO train2017)",
+        file_name=f"{config}_{model_id}_model_final_{suffix}.pkl")
+
+
+def _imagenet_backbone(name: str, url: str, sha256: str, fmt: WeightsFormat, preset: str,
+                       description: str) -> WeightsEntry:
+    """ImageNet-classification weights of a ResNet/ResNeXt body, to initialise training from."""
+    return WeightsEntry(name=name, url=url, sha256=sha256, format=fmt, preset=preset, num_classes=0,
+                        description=description, kind="backbone")
+
+
+_D2_IMAGENET = "https://dl.fbaipublicfiles.com/detectron2/ImageNetPretrained"
+_TV_MODELS = "https://download.pytorch.org/models"
+_BACKBONES = (
+    _imagenet_backbone("detectron2_R-50", f"{_D2_IMAGENET}/MSRA/R-50.pkl", "", "detectron2", "mask_rcnn_R_50_FPN_3x",
+                       "ResNet-50 (MSRA, Caffe2 names), ImageNet: detectron2's R50 training start"),
+    _imagenet_backbone("detectron2_R-101", f"{_D2_IMAGENET}/MSRA/R-101.pkl", "", "detectron2",
+                       "mask_rcnn_R_101_FPN_3x", "ResNet-101 (MSRA, Caffe2 names), ImageNet: detectron2's R101 start"),
+    _imagenet_backbone("detectron2_X-101-32x8d", f"{_D2_IMAGENET}/FAIR/X-101-32x8d.pkl", "", "detectron2",
+                       "mask_rcnn_X_101_32x8d_FPN_3x", "ResNeXt-101 32x8d (FAIR), ImageNet: detectron2's X101 start"),
+    _imagenet_backbone("resnet50_imagenet", f"{_TV_MODELS}/resnet50-0676ba61.pth", "0676ba61", "torchvision",
+                       "torchvision_v1", "ResNet-50, torchvision ImageNet (IMAGENET1K_V1)"),
+    _imagenet_backbone("resnet101_imagenet", f"{_TV_MODELS}/resnet101-63fe2227.pth", "63fe2227", "torchvision",
+                       "torchvision_v1", "ResNet-101, torchvision ImageNet (IMAGENET1K_V1)"),
+    _imagenet_backbone("resnext101_32x8d_imagenet", f"{_TV_MODELS}/resnext101_32x8d-8ba56ff5.pth", "8ba56ff5",
+                       "torchvision", "torchvision_v1", "ResNeXt-101 32x8d, torchvision ImageNet (IMAGENET1K_V1)"),
+)
+
 REGISTRY: dict[str, WeightsEntry] = {e.name: e for e in (
     _torchvision_coco("maskrcnn_resnet50_fpn", "bf2d0c1e", "torchvision_v1", 37.9, 34.6,
                       "Mask R-CNN ResNet-50-FPN, torchvision v1 weights (COCO train2017)"),
     _torchvision_coco("maskrcnn_resnet50_fpn_v2", "73cbd019", "torchvision_v2", 47.4, 41.8,
                       "Mask R-CNN ResNet-50-FPN v2 (improved recipe), torchvision weights (COCO train2017)"),
+    *(_detectron2_coco(*row) for row in _DETECTRON2_MASK_RCNN),
+    *_BACKBONES,
 )}
 
 
@@ -261,7 +329,10 @@ def download(
                 f"{_manual_hint(entry, dest)}"
             ) from exc
 
-    if not sha256_matches(digest, entry.sha256):
+    if not entry.sha256_known:
+        # Nothing to verify against: record what arrived, so a later change of the file can be noticed.
+        Path(str(dest) + ".sha256").write_text(f"{digest}  {dest.name}\n")
+    elif not sha256_matches(digest, entry.sha256):
         part.unlink(missing_ok=True)
         kind = "SHA-256 prefix" if entry.sha256_is_prefix else "SHA-256"
         raise ChecksumError(
@@ -312,7 +383,10 @@ def registry_as_json() -> list[dict[str, Any]]:
     for entry in REGISTRY.values():
         row = dataclasses.asdict(entry)
         row["class_names"] = list(entry.class_names)
+        row["category_ids"] = list(entry.category_ids)
         row["sha256_is_prefix"] = entry.sha256_is_prefix
+        row["check"] = ("full SHA-256" if entry.sha256_known and not entry.sha256_is_prefix else
+                        "SHA-256 prefix" if entry.sha256_known else "none published (digest recorded at download)")
         row["cached"] = is_cached(entry)
         row["path"] = str(weights_path(entry))
         row["resolved_url"] = resolve_url(entry)
@@ -339,6 +413,9 @@ def _known_names() -> str:
 
 
 def _manual_hint(entry: WeightsEntry, dest: Path) -> str:
+    if not entry.sha256_known:
+        return (f"To install it by hand, download {entry.url} and save it as {dest} "
+                f"(or set ${ENV_MIRROR} to a reachable copy).")
     check = "whose SHA-256 starts with" if entry.sha256_is_prefix else "with SHA-256"
     return (
         f"To install it by hand, download {entry.url} ({check} {entry.sha256}) and save it as {dest} "

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from maskrcnn import coco_names, hub
+from maskrcnn.weights import coco_names
+from maskrcnn.weights import zoo as hub
 
 FILE_NAME = "test_weights-0123abcd.pth"
 DATA = random.Random(0).randbytes(300_000)

@@ -1,0 +1,175 @@
+"""Whole runs that the CLI starts and Python users can call: a training run and an evaluation run.
+
+``train_run`` reads a COCO dataset, builds the model, trains it into a run folder and saves ``model_final/``;
+``evaluate_run`` scores a model on a COCO dataset and writes ``metrics.json`` and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("maskrcnn.engine.runs")
+
+__all__ = ["apply_model_overrides", "evaluate_run", "flat_metrics", "init_from", "label_category_ids", "train_run",
+           "with_dataset_classes"]
+
+
+def with_dataset_classes(cfg: Any, dataset: Any) -> Any:
+    """``cfg`` with model.num_classes / class_names / category_ids taken from ``dataset``."""
+    model = dataclasses.replace(cfg.model, num_classes=dataset.num_classes, class_names=tuple(dataset.class_names),
+                                category_ids=tuple(int(c) for c in dataset.category_ids))
+    return dataclasses.replace(cfg, model=model)
+
+
+def init_from(model: Any, source: str) -> None:
+    """Copy every tensor of checkpoint ``source`` whose name and shape match ``model``'s.
+
+    ``source`` is a whole model (any format :func:`maskrcnn.load_model` reads) or ImageNet weights of a ResNet
+    body (torchvision's, or detectron2's R-50.pkl / R-101.pkl / X-101-32x8d.pkl), as the paper starts training.
+    In the C4 layout the ImageNet res5 initialises the RoI head's res5.
+    """
+    from maskrcnn.weights import WeightsError, read_init_state  # noqa: PLC0415
+
+    cfg, src_state, path = read_init_state(source)
+    own = model.state_dict()
+    if cfg is not None:
+        have, want = cfg.model.backbone, model.cfg.model.backbone
+        if (have.depth, have.layout, have.groups) != (want.depth, want.layout, want.groups):
+            # Same-shaped tensors of a different network would load "successfully" and mean nothing.
+            raise WeightsError(f"{source}: its backbone (depth {have.depth}, {have.layout}, groups {have.groups}) "
+                               f"differs from the config's (depth {want.depth}, {want.layout}, groups {want.groups}); "
+                               f"choose a --preset or model.backbone.* overrides that match the checkpoint")
+    else:
+        if model.cfg.model.backbone.layout == "c4":
+            src_state = {(k.replace("backbone.body.layer4.", "roi_heads.res5.", 1)): v for k, v in src_state.items()}
+        body = [k for k in own if k.startswith(("backbone.body.", "roi_heads.res5."))
+                and not k.endswith("num_batches_tracked")]
+        misfit = [k for k in body if k not in src_state or tuple(src_state[k].shape) != tuple(own[k].shape)]
+        if misfit:
+            raise WeightsError(f"{path}: these ImageNet weights do not fit the config's backbone ({len(misfit)} of "
+                               f"{len(body)} tensors missing or of another shape, e.g. {misfit[0]}); choose the "
+                               f"--preset of the same depth and groups")
+    matched = {k: v.to(own[k].dtype) for k, v in src_state.items()
+               if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    if not matched:
+        raise WeightsError(f"{source}: none of its tensors fit this model (different architecture?)")
+    skipped = sorted(k for k in own if k not in matched and not k.endswith("num_batches_tracked"))
+    model.load_state_dict(matched, strict=False)
+    logger.info("initialised %d of %d tensors from %s%s", len(matched), len(own), source,
+                f"; fresh: {', '.join(skipped[:6])}{' ...' if len(skipped) > 6 else ''}" if skipped else "")
+
+
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, float | None]:
+    """{"bbox": {"AP": x}} -> {"bbox_AP": x}; nan -> None so metrics.jsonl stays strict JSON."""
+    out: dict[str, float | None] = {}
+    for t in ("bbox", "segm"):
+        for k, v in (metrics.get(t) or {}).items():
+            out[f"{t}_{k}"] = None if isinstance(v, float) and math.isnan(v) else v
+    return out
+
+
+def train_run(cfg: Any, data: str | Path, images: str | Path, out_dir: str | Path,
+                 val_data: str | Path | None = None, val_images: str | Path | None = None,
+                 init_weights: str | None = None, resume: bool = False) -> tuple[Any, dict[str, Any] | None]:
+    """Train ``cfg`` (classes taken from the dataset) into ``out_dir``; returns (model, last eval metrics or None).
+
+    Writes config.yaml, metrics.jsonl, checkpoints/, loss_curves.png, model_final/ and, with validation data,
+    eval/metrics.json and eval/results.json.
+    """
+    from maskrcnn.data import CocoDataset, build_transforms  # noqa: PLC0415
+    from maskrcnn.data.coco import DatasetError  # noqa: PLC0415
+    from maskrcnn.engine.evaluator import Evaluator  # noqa: PLC0415
+    from maskrcnn.engine.trainer import Trainer  # noqa: PLC0415
+    from maskrcnn.modeling.mask_rcnn import MaskRCNN  # noqa: PLC0415
+
+    for path, what in ((data, "training annotations"), (images, "training image folder"),
+                       (val_data, "validation annotations"), (val_images, "validation image folder")):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{path}: {what} not found")
+    out_dir = Path(out_dir)
+    train_ds = CocoDataset(data, images, transforms=build_transforms(cfg, train=True),
+                           filter_empty=cfg.train.filter_empty, seed=cfg.train.seed)
+    if len(train_ds) == 0:
+        raise DatasetError(f"{data}: no training images with usable annotations")
+    cfg = with_dataset_classes(cfg, train_ds)
+    model = MaskRCNN(cfg)
+    if init_weights is not None:
+        init_from(model, init_weights)
+
+    eval_fn = None
+    last: dict[str, Any] = {}
+    if val_data is not None:
+        # The validation labels must mean what the training labels mean.
+        val_ds = CocoDataset(val_data, val_images or images, filter_empty=False, category_ids=train_ds.category_ids)
+
+        def eval_fn(m: Any, iteration: int) -> dict[str, Any]:
+            """COCO AP on the validation set, flattened for metrics.jsonl; also writes out_dir/eval/."""
+            ev = Evaluator.from_dataset(val_ds, progress=False, out_dir=out_dir / "eval")
+            last["metrics"] = ev.evaluate(m)
+            return flat_metrics(last["metrics"])
+
+    trainer = Trainer(model, cfg, train_ds, out_dir, eval_fn=eval_fn)
+    result = trainer.train(resume=resume)
+    if trainer.rank != 0:
+        return trainer.model, last.get("metrics")
+    from maskrcnn.weights.native import save_model  # noqa: PLC0415
+
+    final = save_model(trainer.model, out_dir / "model_final")
+    losses = result.get("losses") or {}
+    logger.info("finished at iteration %d, total_loss %s; model saved to %s", result.get("iteration", 0),
+                f"{losses['total_loss']:.4f}" if "total_loss" in losses else "-", final)
+    return trainer.model, last.get("metrics")
+
+
+def apply_model_overrides(model: Any, overrides: Sequence[str]) -> Any:
+    """``model`` rebuilt with config overrides (test-time keys); its weights are kept."""
+    from maskrcnn.config import ConfigError, apply_overrides  # noqa: PLC0415
+    from maskrcnn.modeling.mask_rcnn import MaskRCNN  # noqa: PLC0415
+
+    if not overrides:
+        return model
+    cfg = apply_overrides(model.cfg, list(overrides))
+    new = MaskRCNN(cfg)
+    try:
+        new.load_state_dict(model.state_dict())
+    except RuntimeError as e:
+        raise ConfigError(f"the overrides {' '.join(overrides)} change the network's shape, so the checkpoint "
+                          f"no longer fits: {str(e).splitlines()[0]}") from e
+    return new.to(model.device).eval()
+
+
+def label_category_ids(model: Any, dataset: Any) -> list[int]:
+    """Dataset category id of each model label: the model's own table, else positional, else identity."""
+    m = model.cfg.model
+    if m.category_ids:
+        return [int(c) for c in m.category_ids]
+    if int(m.num_classes) == dataset.num_classes:
+        return [int(c) for c in dataset.category_ids]
+    # e.g. torchvision's COCO checkpoints: 90 classes whose label is the COCO category id.
+    return list(range(1, int(m.num_classes) + 1))
+
+
+def evaluate_run(model: Any, data: str | Path, images: str | Path, out_dir: str | Path, batch_size: int = 1,
+                progress: bool | None = None) -> dict[str, Any]:
+    """Evaluate ``model`` on a COCO dataset; writes out_dir/metrics.json and results.json; returns the metrics.
+
+    ``progress`` None shows a bar only when stderr is a terminal.
+    """
+    from maskrcnn.data import CocoDataset  # noqa: PLC0415
+    from maskrcnn.engine.evaluator import Evaluator  # noqa: PLC0415
+
+    for path, what in ((data, "annotations"), (images, "image folder")):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path}: {what} not found")
+    dataset = CocoDataset(data, images, filter_empty=False)
+    if progress is None:
+        progress = sys.stderr.isatty()  # a bar redrawn into a log file is noise
+    ev = Evaluator.from_dataset(dataset, category_ids=label_category_ids(model, dataset), batch_size=batch_size,
+                                progress=progress, out_dir=out_dir)
+    return ev.evaluate(model)
