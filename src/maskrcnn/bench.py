@@ -65,8 +65,9 @@ MODEL_PRESETS: dict[str, str] = {
 # "fast" is load_model's default; "fast_math" adds norm folding and channels-last everywhere (not bit-exact);
 # "compile" is "fast" with the body and FPN of inference through torch.compile (not bit-exact; no training);
 # "bf16" is fast_math under bfloat16 autocast (training too: solver.amp=bf16).
-MODES = ("fast", "naive", "fast_math", "compile", "bf16")
-INFERENCE_ONLY_MODES = ("compile",)
+# "onnx" runs the model exported by maskrcnn.export in onnxruntime's CPU provider (inference only; [onnx] extra).
+MODES = ("fast", "naive", "fast_math", "compile", "bf16", "onnx")
+INFERENCE_ONLY_MODES = ("compile", "onnx")
 TASKS = ("inference", "training", "throughput")
 TOP_STAGES = ("transform", "backbone", "fpn", "rpn", "box_head", "mask_head", "paste")
 
@@ -321,6 +322,8 @@ def bench_inference(name: str, mode: str, settings: BenchSettings) -> dict[str, 
 
     from maskrcnn.predict import Predictor  # noqa: PLC0415
 
+    if mode == "onnx":
+        return bench_onnx_inference(name, settings)
     net, source = build_model(name, mode, settings)
     model = Predictor(net)
     image = _image(settings)
@@ -347,6 +350,35 @@ def bench_inference(name: str, mode: str, settings: BenchSettings) -> dict[str, 
         out["gflop"] = flop / 1e9
         out["gflops_per_s"] = flop / 1e9 / out["median_s"]
     return out
+
+
+def bench_onnx_inference(name: str, settings: BenchSettings) -> dict[str, Any]:
+    """Latency of the exported graph in onnxruntime on one (H, W, 3) image (median, s), with the export time.
+
+    The graph holds the whole inference (resize, networks, NMS, paste), as ``predict`` does in PyTorch; it runs
+    with as many onnxruntime threads as torch has here.
+    """
+    import tempfile  # noqa: PLC0415
+
+    from maskrcnn.export import OnnxModel, export_onnx  # noqa: PLC0415
+
+    model, source = build_model(name, "fast", settings)
+    image = _image(settings).permute(1, 2, 0).contiguous().numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        path = export_onnx(model, Path(tmp) / f"{name}.onnx")
+        export_s = time.perf_counter() - start
+        del model
+        runner = OnnxModel(path, threads=settings.threads or torch.get_num_threads())
+        _reset_peak_rss()
+        rss_before = _rss_mb("VmRSS")
+        runs = _median_runs(lambda: runner.infer(image), settings.repeats, settings.warmup)
+        out = runner.infer(image)
+    # onnxruntime runs the graph as one call: no per-stage times.
+    return {"median_s": statistics.median(runs), "runs_s": runs, "stages_s": {},
+            "detections": int(out["boxes"].shape[0]), "weights": source, "peak_rss_mb": _peak_rss_mb(),
+            "rss_before_mb": rss_before,
+            "image": [3, settings.height, settings.width], "export_s": export_s}
 
 
 def bench_training(batch: int, mode: str, settings: BenchSettings) -> dict[str, Any]:

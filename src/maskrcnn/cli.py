@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "  maskrcnn predict --weights run/model_final 'data/**/*.jpg' --recursive --out preds/ "
                     "--classes person,car --save-masks")
     p.add_argument("--weights", required=True, metavar="NAME_OR_PATH",
-                   help="registry name (see 'maskrcnn weights list'), model folder, .safetensors or torchvision .pth")
+                   help="registry name (see 'maskrcnn weights list'), model folder, .safetensors, torchvision .pth, "
+                        "or an .onnx file from 'maskrcnn export' (runs in onnxruntime)")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="image files, folders or glob patterns")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for overlays, masks and JSON")
     p.add_argument("--score-threshold", type=_fraction, default=0.5, help="keep detections scoring at least this")
@@ -160,6 +161,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write the COCO results JSON (default: OUT/predictions.json)")
     p.add_argument("--recursive", action="store_true", help="search folders and ** patterns recursively")
     p.set_defaults(func=cmd_predict)
+
+    # export and serve (deployment: maskrcnn.export, maskrcnn.serve) -------------------------------------------------
+    p = _add(sub, "export", "export a model as one ONNX graph: image in; resize, network, NMS and mask paste inside",
+             epilog="examples:\n  maskrcnn export --weights maskrcnn_resnet50_fpn_v2 --out model.onnx\n"
+                    "  maskrcnn predict --weights model.onnx photos/ --out preds/   # runs in onnxruntime")
+    p.add_argument("--weights", required=True, metavar="NAME_OR_PATH",
+                   help="registry name, model folder, .safetensors or torchvision .pth")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="output format")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
+    p.add_argument("--opset", type=_positive_int, default=None,
+                   help="ONNX opset version, 18 or newer (default: maskrcnn.export.DEFAULT_OPSET, 18)")
+    _add_sizes(p)
+    p.add_argument("--score-threshold", type=_fraction, default=None,
+                   help="default minimum score stored in the graph; callers can still pass their own "
+                        "(default: the model's config, 0.05 for torchvision's models)")
+    p.add_argument("--nms-threshold", type=_fraction, default=None,
+                   help="IoU of the per-class NMS (default: the model's config)")
+    p.add_argument("--detections-per-img", type=_positive_int, default=None,
+                   help="most detections per image (default: the model's config)")
+    p.set_defaults(func=cmd_export)
+
+    p = _add(sub, "serve", "serve a model over HTTP: /v1/predict, KServe v2 endpoints and a web page at /",
+             epilog="examples:\n  maskrcnn serve --weights model.onnx            # http://127.0.0.1:8000/\n"
+                    "  maskrcnn serve --weights maskrcnn_resnet50_fpn_v2 --host 0.0.0.0 --api-key \"$KEY\"")
+    p.add_argument("--weights", required=True, metavar="NAME_OR_PATH",
+                   help="registry name, model folder, .safetensors, torchvision .pth or an exported .onnx")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; others than localhost need --api-key")
+    p.add_argument("--port", type=_positive_int, default=8000, help="TCP port")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' (or X-API-Key) on every endpoint but / and health")
+    p.add_argument("--insecure-no-api-key", action="store_true",
+                   help="accept binding to a non-local address without an API key (anyone who reaches it can use it)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser requests from this origin (repeatable; default: CORS off)")
+    p.add_argument("--score-threshold", type=_fraction, default=0.5,
+                   help="minimum score when a request gives no score_threshold")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="largest upload in MB (413 above)")
+    p.add_argument("--max-pixels", type=_positive_int, default=40_000_000, help="largest image in pixels (413 above)")
+    p.add_argument("--max-queue", type=int, default=8, help="requests waiting beyond the running one (503 above)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait and run (504 after)")
+    _add_device(p)
+    _add_sizes(p)
+    p.set_defaults(func=cmd_serve)
 
     # weights ----------------------------------------------------------------------------------------------------
     pw = _add(sub, "weights", "list, download and convert checkpoints")
@@ -275,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "architectures d2_R_50_FPN, d2_R_50_C4, d2_R_50_DC5, d2_R_101_FPN, d2_R_101_C4, "
                         "d2_R_101_DC5, d2_X_101_32x8d_FPN (random weights)")
     p.add_argument("--modes", default="fast,naive", metavar="MODES",
-                   help="comma-separated modes to measure (fast, naive, fast_math, compile, bf16); ratios are "
+                   help="comma-separated modes to measure (fast, naive, fast_math, compile, bf16, onnx: the exported graph in "
+                        "onnxruntime, inference only); ratios are "
                         "against the second")
     p.add_argument("--only", default="inference,training,throughput", metavar="TASKS",
                    help="comma-separated tasks: inference, training, throughput")
@@ -461,6 +506,49 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(summary.format())
     if summary.images == 0:
         raise CLIError(f"none of the {summary.skipped} inputs could be read (see the messages above)")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``maskrcnn export``: write the whole inference as one ONNX graph (see :mod:`maskrcnn.export`)."""
+    from maskrcnn.export import DEFAULT_OPSET, export_onnx, is_onnx_file  # noqa: PLC0415
+    from maskrcnn.weights import load_model  # noqa: PLC0415
+
+    if is_onnx_file(args.weights):
+        raise CLIError(f"{args.weights}: already an ONNX file; export from the PyTorch weights it came from")
+    if not is_onnx_file(args.out):
+        raise CLIError(f"--out {args.out}: the file name must end in .onnx")
+    model = load_model(args.weights, min_size=args.min_size, max_size=args.max_size, device="cpu",
+                       score_threshold=args.score_threshold, nms_threshold=args.nms_threshold,
+                       detections_per_img=args.detections_per_img)
+    t0 = time.perf_counter()
+    try:
+        path = export_onnx(model, args.out, opset=args.opset or DEFAULT_OPSET, source=str(args.weights))
+    except NotImplementedError as e:
+        raise CLIError(f"{args.weights}: {e}") from None
+    size_mb = path.stat().st_size / 1e6
+    print(f"wrote {path} ({size_mb:.1f} MB, opset {args.opset or DEFAULT_OPSET}) in {time.perf_counter() - t0:.1f} s")
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``maskrcnn serve``: run the HTTP service until SIGTERM or Ctrl-C (requests in flight are finished first)."""
+    from maskrcnn.export import is_onnx_file  # noqa: PLC0415
+    from maskrcnn.serve.app import ServeSettings, check_bind, serve  # noqa: PLC0415
+
+    check_bind(args.host, args.api_key, args.insecure_no_api_key)
+    settings = ServeSettings(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pixels=args.max_pixels,
+                             max_queue=max(args.max_queue, 0), request_timeout_s=args.timeout, api_key=args.api_key,
+                             cors_origins=tuple(args.cors_origin), score_threshold=args.score_threshold)
+    options: dict[str, Any] = {}
+    if not is_onnx_file(args.weights):
+        _check_device(args.device)
+        options = {"min_size": args.min_size, "max_size": args.max_size, "device": args.device}
+    serve(args.weights, args.host, args.port, settings, args.insecure_no_api_key, **options)
     return EXIT_OK
 
 

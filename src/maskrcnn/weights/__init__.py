@@ -185,6 +185,10 @@ def load_model(path_or_name: str | Path, config: Config | None = None, optimize:
     ``optimize`` turns on the fast path (:meth:`MaskRCNN.optimize`); False gives the naive reference path.
     ``fast_math``, ``compile`` and ``amp`` ("bf16", "fp16") are its opt-in, not bit-exact speed-ups (see there).
     """
+    if str(path_or_name).lower().endswith(".onnx"):  # an exported graph, run by onnxruntime (maskrcnn.export)
+        from maskrcnn.export import load_onnx  # noqa: PLC0415
+
+        return load_onnx(path_or_name, config, optimize, fast_math, compile, amp, **overrides)
     cfg, state, path = read_checkpoint(path_or_name)
     if config is not None:
         cfg = config

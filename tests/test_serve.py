@@ -1,0 +1,341 @@
+"""``maskrcnn serve``: the real server on 127.0.0.1 and a free port, started and stopped inside the tests.
+
+A small ResNet-18 model with random weights keeps each request fast; the service does not care what it serves.
+``python -m pytest -q -s tests/test_serve.py`` prints the bounded load test's requests/s and p50/p95 latency.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+httpx = pytest.importorskip("httpx", reason="needs the [dev] extra")
+pytest.importorskip("starlette", reason="needs the [serve] extra")
+pytest.importorskip("uvicorn", reason="needs the [serve] extra")
+
+from PIL import Image  # noqa: E402
+
+from maskrcnn.config import apply_overrides, get_preset  # noqa: E402
+from maskrcnn.modeling.mask_rcnn import MaskRCNN  # noqa: E402
+from maskrcnn.serve.app import decode_image, mask_to_polygons  # noqa: E402
+
+KEY = "test-key-123"
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved ResNet-18-FPN (random weights) whose detections score around 1/4."""
+    torch.manual_seed(0)
+    cfg = apply_overrides(get_preset("r18_fpn_demo"), ["model.box_head.detections_per_img=10"])
+    path = tmp_path_factory.mktemp("serve") / "small"
+    MaskRCNN(cfg).eval().save(path)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``maskrcnn serve`` in a child process; ``url`` once it answers /v2/health/ready."""
+
+    def __init__(self, weights: Path, *args: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "maskrcnn", "serve", "--weights", str(weights),
+                                      "--port", str(self.port), "--device", "cpu", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stdout.read().decode()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/v2/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("server did not become ready in 120 s")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(small_model: Path) -> Iterator[Server]:
+    """The default service (no key, default limits except a 1 MB upload limit)."""
+    srv = Server(small_model, "--max-body-mb", "1", "--score-threshold", "0.0")
+    yield srv
+    srv.stop()
+
+
+def _png(width: int = 160, height: int = 120, seed: int = 0, flat: bool = False) -> bytes:
+    """A PNG of noise (or, ``flat``, of a few flat shapes: a big image in a small body) with a red rectangle."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    if flat:
+        img[:] = (60 + 10 * seed, 120, 180)
+        img[height // 2:, width // 3:] = (30, 200, 90)
+    img[height // 4: height // 2, width // 4: width // 2] = (220, 30, 30)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(width: int = 160, height: int = 120) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((height, width, 3), 90, np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_predict_raw_and_multipart(server: Server) -> None:
+    """Raw body and multipart give the same JSON: size, model, detections with box, score, name, RLE mask."""
+    data = _png()
+    raw = httpx.post(server.url + "/v1/predict", content=data, headers={"content-type": "image/png"}, timeout=60)
+    form = httpx.post(server.url + "/v1/predict", files={"image": ("a.png", data, "image/png")}, timeout=60)
+    assert raw.status_code == 200 and form.status_code == 200
+    a, b = raw.json(), form.json()
+    assert a["image"] == {"width": 160, "height": 120} and a["model"] == "small"
+    assert a["detections"] == b["detections"] and 0 < len(a["detections"]) <= 10
+    det = a["detections"][0]
+    assert set(det) == {"category_id", "label", "name", "score", "box", "mask"}
+    assert det["mask"]["format"] == "rle" and det["mask"]["size"] == [120, 160]
+    x1, y1, x2, y2 = det["box"]
+    assert 0 <= x1 <= x2 <= 160 and 0 <= y1 <= y2 <= 120
+    assert [d["score"] for d in a["detections"]] == sorted((d["score"] for d in a["detections"]), reverse=True)
+
+
+def test_predict_parameters(server: Server) -> None:
+    """score_threshold, max_detections and mask_format (polygon, none) act; bad values are 400s."""
+    data = _png()
+    url = server.url + "/v1/predict"
+    some = httpx.post(url, content=data, params={"max_detections": 2, "mask_format": "none"}, timeout=60).json()
+    assert len(some["detections"]) == 2 and all("mask" not in d for d in some["detections"])
+    poly = httpx.post(url, content=data, params={"mask_format": "polygon", "max_detections": 3}, timeout=60).json()
+    for d in poly["detections"]:
+        assert d["mask"]["format"] == "polygon" and all(len(p) % 2 == 0 for p in d["mask"]["polygons"])
+    none = httpx.post(url, content=data, params={"score_threshold": 1.0}, timeout=60).json()
+    assert none["detections"] == []
+    for params, word in (({"score_threshold": "2"}, "score_threshold"), ({"mask_format": "png"}, "mask_format"),
+                         ({"max_detections": "-1"}, "max_detections")):
+        r = httpx.post(url, content=data, params=params, timeout=60)
+        assert r.status_code == 400 and word in r.json()["error"]
+
+
+def test_bad_inputs_get_clear_errors_and_the_service_keeps_serving(server: Server) -> None:
+    """Truncated JPEG 400, text 415, empty 400, decompression bomb 413, oversize upload 413; then a good 200."""
+    url = server.url + "/v1/predict"
+    bomb = io.BytesIO()
+    Image.new("1", (30000, 30000)).save(bomb, format="PNG")  # a few kB that declare 900 megapixels
+    cases = [
+        (_jpeg()[:300], "image/jpeg", 400, "truncated or corrupt"),
+        (b"hello, this is text\n", "text/plain", 415, "not an image"),
+        (b"hello, this is text\n", "application/octet-stream", 415, "not an image format"),
+        (b"", "image/png", 400, "empty body"),
+        (bomb.getvalue(), "image/png", 413, "pixels"),
+        (os.urandom(1_200_000), "image/png", 413, "larger than the limit"),
+    ]
+    for body, ctype, status, words in cases:
+        r = httpx.post(url, content=body, headers={"content-type": ctype}, timeout=60)
+        assert r.status_code == status, (ctype, status, r.text)
+        assert words in r.json()["error"], r.json()
+    r = httpx.post(url, files={"image": ("big.png", os.urandom(1_200_000), "image/png")}, timeout=60)
+    assert r.status_code == 413
+    r = httpx.post(url, files={"other": ("a.png", _png(), "image/png")}, timeout=60)
+    assert r.status_code == 400 and "'image'" in r.json()["error"]
+    assert httpx.post(url, content=_png(), timeout=60).status_code == 200
+
+
+def test_kserve_v2_endpoints(server: Server) -> None:
+    """Health, model metadata and infer (image as a UINT8 tensor) of the Open Inference Protocol v2."""
+    assert httpx.get(server.url + "/v2/health/live").json() == {"live": True}
+    assert httpx.get(server.url + "/v2/health/ready").json() == {"ready": True}
+    meta = httpx.get(server.url + "/v2/models/small").json()
+    assert meta["name"] == "small" and meta["inputs"][0]["datatype"] == "UINT8"
+    assert meta["parameters"]["class_names"] == ["square", "circle", "triangle"]
+    assert httpx.get(server.url + "/v2/models/other").status_code == 404
+    img = np.asarray(Image.open(io.BytesIO(_png())).convert("RGB"))
+    body = {"id": "r1", "inputs": [{"name": "image", "shape": list(img.shape), "datatype": "UINT8",
+                                    "data": img.reshape(-1).tolist()}]}
+    r = httpx.post(server.url + "/v2/models/small/infer", json=body, timeout=60).json()
+    assert r["model_name"] == "small" and r["id"] == "r1"
+    out = {o["name"]: o for o in r["outputs"]}
+    ref = httpx.post(server.url + "/v1/predict", content=_png(), timeout=60).json()["detections"]
+    n = len(ref)
+    assert out["boxes"]["shape"] == [n, 4] and out["scores"]["shape"] == [n]
+    np.testing.assert_allclose(sorted(out["scores"]["data"], reverse=True), [d["score"] for d in ref], atol=1e-4)
+    bad = httpx.post(server.url + "/v2/models/small/infer", json={"inputs": []}, timeout=60)
+    assert bad.status_code == 400 and "v2 inference request" in bad.json()["error"]
+
+
+def test_page_is_served_offline(server: Server) -> None:
+    """The page at / is one HTML file with no external scripts, styles or fonts."""
+    r = httpx.get(server.url + "/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    html = r.text
+    assert "/v1/predict" in html and "<canvas" in html
+    assert "http://" not in html and "https://" not in html and "<link" not in html
+
+
+def test_cors_off_by_default(server: Server) -> None:
+    """No Access-Control-Allow-Origin unless --cors-origin is given."""
+    r = httpx.options(server.url + "/v1/predict", headers={"Origin": "http://evil.example",
+                                                           "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_bounded_load(server: Server) -> None:
+    """4 clients x 25 requests: every request answered correctly for its own image, none lost or crossed."""
+    url = server.url + "/v1/predict"
+    images = {c: _png(120 + 16 * c, 100 + 8 * c, seed=c) for c in range(4)}
+    expected = {c: httpx.post(url, content=images[c], params={"mask_format": "none"}, timeout=60).json()
+                for c in images}
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def client(c: int) -> list[int]:
+        statuses = []
+        with httpx.Client(timeout=120) as http:
+            for _ in range(25):
+                t0 = time.perf_counter()
+                r = http.post(url, content=images[c], params={"mask_format": "none"})
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    # The answer is this client's own image's (size and detections), not another client's.
+                    got = r.json()
+                    assert got["image"] == expected[c]["image"]
+                    assert [d["box"] for d in got["detections"]] == [d["box"] for d in expected[c]["detections"]]
+                else:
+                    assert r.status_code == 503 and "Retry-After" in r.headers
+        return statuses
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        statuses = [s for ss in pool.map(client, range(4)) for s in ss]
+    wall = time.perf_counter() - start
+    assert len(statuses) == 100 and set(statuses) <= {200, 503}
+    ok = statuses.count(200)
+    assert ok >= 96  # 4 clients never fill a queue of 8
+    lat = sorted(latencies)
+    print(f"\n[serve load] 4 clients x 25 requests: {ok} answered 200, {100 - ok} 503; {ok / wall:.1f} requests/s, "
+          f"p50 {1000 * statistics.median(lat):.0f} ms, p95 {1000 * lat[int(0.95 * len(lat)) - 1]:.0f} ms")
+
+
+def test_health_answers_while_the_model_is_busy(server: Server) -> None:
+    """Inference runs off the event loop: /v2/health/live answers before queued predictions finish."""
+    big = _png(1200, 900, seed=9, flat=True)
+    done: list[float] = []
+
+    def predict() -> None:
+        r = httpx.post(server.url + "/v1/predict", content=big, params={"mask_format": "none"}, timeout=120)
+        assert r.status_code == 200
+        done.append(time.monotonic())
+
+    threads = [threading.Thread(target=predict) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    live = httpx.get(server.url + "/v2/health/live", timeout=30)
+    answered = time.monotonic()
+    for t in threads:
+        t.join()
+    assert live.status_code == 200
+    assert len(done) == 4 and max(done) > answered
+
+
+def test_api_key_and_full_queue(small_model: Path) -> None:
+    """With --api-key: 401 without it, 200 with it (Bearer or X-API-Key); health open. A full queue gives 503."""
+    srv = Server(small_model, "--api-key", KEY, "--max-queue", "0", "--score-threshold", "0.0")
+    try:
+        url = srv.url + "/v1/predict"
+        data = _png()
+        r = httpx.post(url, content=data, timeout=60)
+        assert r.status_code == 401 and "API key" in r.json()["error"]
+        assert httpx.post(url, content=data, headers={"X-API-Key": "wrong"}, timeout=60).status_code == 401
+        assert httpx.post(url, content=data, headers={"Authorization": f"Bearer {KEY}"}, timeout=60).status_code == 200
+        assert httpx.post(url, content=data, headers={"X-API-Key": KEY}, timeout=60).status_code == 200
+        assert httpx.get(srv.url + "/v2/health/ready").status_code == 200
+        assert httpx.get(srv.url + "/v2/models/small").status_code == 401
+        big = _png(1200, 900, seed=3, flat=True)
+        with ThreadPoolExecutor(6) as pool:
+            rs = list(pool.map(lambda _: httpx.post(url, content=big, headers={"X-API-Key": KEY}, timeout=120),
+                               range(6)))
+        codes = [r.status_code for r in rs]
+        assert set(codes) <= {200, 503} and 200 in codes and 503 in codes
+        busy = next(r for r in rs if r.status_code == 503)
+        assert int(busy.headers["Retry-After"]) >= 1 and "busy" in busy.json()["error"]
+    finally:
+        assert srv.stop() in (0, -signal.SIGTERM)
+
+
+def test_sigterm_drains_requests_in_flight(small_model: Path) -> None:
+    """On SIGTERM the requests already accepted are answered, then the process exits cleanly."""
+    srv = Server(small_model, "--score-threshold", "0.0")
+    big = _png(1200, 900, seed=5, flat=True)
+    results: list[int] = []
+
+    def predict() -> None:
+        r = httpx.post(srv.url + "/v1/predict", content=big, params={"mask_format": "none"}, timeout=120)
+        results.append(r.status_code)
+
+    threads = [threading.Thread(target=predict) for _ in range(3)]
+    for t in threads:
+        t.start()
+    while not results:  # one answered: the other two are queued or running inside the server
+        time.sleep(0.01)
+    srv.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join()
+    assert results == [200, 200, 200]
+    # uvicorn re-raises the signal once it has drained, so the exit status reports SIGTERM.
+    assert srv.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+
+
+def test_non_local_bind_needs_a_key(small_model: Path, capsys: pytest.CaptureFixture) -> None:
+    """Binding to 0.0.0.0 without --api-key or --insecure-no-api-key is refused with an explanation."""
+    from maskrcnn.cli import main
+
+    assert main(["serve", "--weights", str(small_model), "--host", "0.0.0.0"]) == 2
+    assert "--api-key" in capsys.readouterr().err
+
+
+def test_decode_and_polygons() -> None:
+    """decode_image applies the limits on the header; polygons trace a square's outline in pixel coordinates."""
+    img = decode_image(_png(40, 30), max_pixels=10_000)
+    assert img.shape == (30, 40, 3) and img.dtype == np.uint8
+    with pytest.raises(Exception, match="larger than the limit"):
+        decode_image(_png(200, 100), max_pixels=10_000)
+    mask = np.zeros((20, 20), bool)
+    mask[5:10, 4:12] = True
+    (poly,) = mask_to_polygons(mask)
+    xs, ys = poly[0::2], poly[1::2]
+    # Pixel i covers [i, i + 1): columns 4..11 span x in [4, 12], rows 5..9 span y in [5, 10].
+    assert (min(xs), max(xs), min(ys), max(ys)) == (4.0, 12.0, 5.0, 10.0)
+    assert json.dumps(poly)
