@@ -20,6 +20,7 @@ pytest.importorskip("onnxruntime", reason="needs the [onnx] extra")
 pytest.importorskip("onnxscript", reason="needs the [onnx] extra")
 
 import maskrcnn  # noqa: E402
+from maskrcnn.weights import save_model  # noqa: E402
 from maskrcnn.config import apply_overrides, get_preset  # noqa: E402
 from maskrcnn.export import PROPOSALS, OnnxModel, export_onnx  # noqa: E402
 from maskrcnn.io import to_chw_float  # noqa: E402
@@ -282,7 +283,7 @@ def test_cli_export_small_model(tmp_path: Path) -> None:
     cfg = apply_overrides(get_preset("r18_fpn_demo"), [f"model.mask_head.paste_mode={paste_mode}",
                                                        "model.box_head.score_thresh=0.3"])
     model = MaskRCNN(cfg).eval()
-    model.save(tmp_path / "small")
+    save_model(model, tmp_path / "small")
     out = tmp_path / "small.onnx"
     assert main(["export", "--weights", str(tmp_path / "small"), "--out", str(out), "--opset", "20",
                  "--detections-per-img", "20"]) == 0

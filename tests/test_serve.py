@@ -33,6 +33,7 @@ from PIL import Image  # noqa: E402
 from maskrcnn.config import apply_overrides, get_preset  # noqa: E402
 from maskrcnn.modeling.mask_rcnn import MaskRCNN  # noqa: E402
 from maskrcnn.serve.app import decode_image, mask_to_polygons  # noqa: E402
+from maskrcnn.weights import save_model  # noqa: E402
 
 KEY = "test-key-123"
 
@@ -43,7 +44,7 @@ def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     cfg = apply_overrides(get_preset("r18_fpn_demo"), ["model.box_head.detections_per_img=10"])
     path = tmp_path_factory.mktemp("serve") / "small"
-    MaskRCNN(cfg).eval().save(path)
+    save_model(MaskRCNN(cfg).eval(), path)
     return path
 
 
