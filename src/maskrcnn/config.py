@@ -25,6 +25,18 @@ IMAGENET_STD_RGB01 = (0.229, 0.224, 0.225)
 # log(1000/16): the largest box-size change a regression delta may express (Detectron).
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 
+# COCO's person keypoints (the ``keypoints`` list of the person category in person_keypoints_*.json), and its
+# skeleton with 0-based indices (COCO's file counts from 1).
+COCO_PERSON_KEYPOINT_NAMES = (
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow",
+    "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle",
+    "right_ankle",
+)
+COCO_PERSON_SKELETON = (
+    (15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8), (7, 9), (8, 10),
+    (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6),
+)
+
 
 class ConfigError(ValueError):
     """A config value, key or file that cannot be used; the message names it."""
@@ -198,6 +210,52 @@ class MaskHeadConfig:
 
 
 @dataclass(frozen=True)
+class KeypointHeadConfig:
+    """Keypoint head (paper, Sec. 5): conv3x3 tower, 4x4 stride-2 deconvolution to K heatmaps, x2 bilinear upsampling.
+
+    Each keypoint is a one-hot m x m mask (m = 2 x 2 x pooler_resolution = 56), learned with a softmax
+    cross-entropy over the m^2 positions. The defaults are torchvision's ``keypointrcnn_resnet50_fpn``.
+    """
+
+    enabled: bool = False
+    num_keypoints: int = 17
+    # Keypoint names (index k -> names[k]); they give the flip map and the results' labels. Empty: unnamed.
+    names: tuple[str, ...] = COCO_PERSON_KEYPOINT_NAMES
+    # Pairs of keypoint indices (0-based) joined in drawings.
+    skeleton: tuple[tuple[int, int], ...] = COCO_PERSON_SKELETON
+    # Name pairs swapped by a horizontal flip; empty: every "left..." name pairs with its "right..." twin.
+    flip_map: tuple[tuple[str, str], ...] = ()
+    pooler_resolution: int = 14
+    pooler_sampling_ratio: int = 2
+    pooler_aligned: bool = False
+    # Output channels of each conv3x3 + ReLU of the tower (8 x 512 in both frameworks).
+    conv_dims: tuple[int, ...] = (512,) * 8
+    # The transposed conv (stride 2, padding kernel // 2 - 1) doubles the pooled side; bilinear upsampling by
+    # ``up_scale`` follows (torchvision and detectron2: 4 and 2, 14 -> 28 -> 56).
+    deconv_kernel: int = 4
+    up_scale: int = 2
+    loss_weight: float = 1.0
+    # The summed cross-entropy is divided by the number of visible keypoints in the batch (both frameworks'
+    # default), or by images x box batch_size_per_image x positive_fraction x K (detectron2's other option).
+    normalize_by_visible: bool = True
+    # Training images with fewer visible keypoints (over all their instances) are skipped: torchvision's
+    # reference scripts use 10, detectron2's MIN_KEYPOINTS_PER_IMAGE 1. Instances without visible keypoints are
+    # kept as box targets.
+    min_keypoints_per_image: int = 10
+    # Keypoint score: "logit", the upsampled heatmap's value at its maximum (torchvision, Detectron), or
+    # "softmax", that maximum's probability under a softmax over the m x m heatmap (detectron2).
+    score_type: Literal["logit", "softmax"] = "logit"
+    # Overlays skip joints scoring under this: Detectron's visualiser draws logits above 2; detectron2's, softmax
+    # probabilities above 0.05.
+    draw_threshold: float = 2.0
+    # COCO keypoints are integer pixel indices: detectron2 adds 0.5 to them when loading (continuous coordinates)
+    # and subtracts it from its predictions when writing COCO results; torchvision uses them as they are (0.0).
+    coco_offset: float = 0.0
+    # Per-keypoint OKS sigmas for evaluation; empty takes pycocotools' COCO person sigmas (K must then be 17).
+    oks_sigmas: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The whole network."""
 
@@ -217,6 +275,8 @@ class ModelConfig:
     rpn: RPNConfig = field(default_factory=RPNConfig)
     box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)
     mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+    # Off by default; a keypoint model may keep its mask head too (the paper's Table 4 trains both).
+    keypoint_head: KeypointHeadConfig = field(default_factory=KeypointHeadConfig)
 
 
 @dataclass(frozen=True)
@@ -390,14 +450,58 @@ _DETECTRON2_ZOO = [("FPN", 50, False, "1x"), ("C4", 50, False, "1x"), ("DC5", 50
                    ("FPN", 101, False, "3x"), ("C4", 101, False, "3x"), ("DC5", 101, False, "3x"),
                    ("FPN", 101, True, "3x")]
 
+
+
+def _keypointrcnn_resnet50_fpn(norm_eps: float = 1e-5, name: str = "keypointrcnn_resnet50_fpn") -> Config:
+    """torchvision ``keypointrcnn_resnet50_fpn``: R50-FPN, one class (person), 17 COCO keypoints, no mask head.
+
+    FrozenBN eps 1e-5 is torchvision's builder default: its COCO_LEGACY weights and models trained with
+    torchvision. Its COCO_V1 weights were trained with eps 0, which torchvision restores after loading them
+    (``keypointrcnn_resnet50_fpn_coco_v1``).
+    """
+    model = ModelConfig(num_classes=1, class_names=("person",), backbone=BackboneConfig(norm_eps=norm_eps),
+                        mask_head=MaskHeadConfig(enabled=False), keypoint_head=KeypointHeadConfig(enabled=True))
+    inp = InputConfig(min_size_train=(640, 672, 704, 736, 768, 800))
+    return Config(name=name, model=model, input=inp)
+
+
+def _detectron2_keypoints(depth: int, resnext: bool, schedule: str) -> Config:
+    """detectron2's ``COCO-Keypoints/keypoint_rcnn_{R|X}_{depth}_FPN_{schedule}.yaml``: one class, 17 keypoints.
+
+    Base-Keypoint-RCNN-FPN.yaml over the Mask R-CNN FPN model: no mask head, box smooth-L1 beta 0.5, 1500 RPN
+    proposals per training image, multi-scale training in both schedules; the keypoint head pools 14 x 14 with
+    ROIAlignV2, scores keypoints by a softmax over the heatmap, and keeps images with 1 visible keypoint.
+    """
+    base = _detectron2("FPN", depth, resnext, schedule)
+    m = base.model
+    keypoint_head = KeypointHeadConfig(enabled=True, pooler_sampling_ratio=0, pooler_aligned=True,
+                                       min_keypoints_per_image=1, score_type="softmax", draw_threshold=0.05,
+                                       coco_offset=0.5)
+    model = dataclasses.replace(
+        m, num_classes=1, class_names=("person",), rpn=dataclasses.replace(m.rpn, post_nms_top_n_train=1500),
+        box_head=dataclasses.replace(m.box_head, smooth_l1_beta=0.5),
+        mask_head=dataclasses.replace(m.mask_head, enabled=False), keypoint_head=keypoint_head)
+    inp = dataclasses.replace(base.input, min_size_train=(640, 672, 704, 736, 768, 800))
+    return dataclasses.replace(base, name=base.name.replace("mask_rcnn_", "keypoint_rcnn_"), model=model, input=inp)
+
+
+# The Keypoint R-CNN configs of detectron2's model zoo.
+_DETECTRON2_KEYPOINT_ZOO = [(50, False, "1x"), (50, False, "3x"), (101, False, "3x"), (101, True, "3x")]
+
 PRESETS: dict[str, typing.Callable[[], Config]] = {
     "torchvision_v1": _torchvision_v1,
     "torchvision_v2": _torchvision_v2,
     "r18_fpn_demo": _r18_fpn_demo,
+    "keypointrcnn_resnet50_fpn": _keypointrcnn_resnet50_fpn,
+    "keypointrcnn_resnet50_fpn_coco_v1": functools.partial(_keypointrcnn_resnet50_fpn, 0.0,
+                                                           "keypointrcnn_resnet50_fpn_coco_v1"),
 }
 for _layout, _depth, _resnext, _sched in _DETECTRON2_ZOO:
     _cfg = _detectron2(_layout, _depth, _resnext, _sched)
     PRESETS[_cfg.name] = functools.partial(_detectron2, _layout, _depth, _resnext, _sched)
+for _depth, _resnext, _sched in _DETECTRON2_KEYPOINT_ZOO:
+    _cfg = _detectron2_keypoints(_depth, _resnext, _sched)
+    PRESETS[_cfg.name] = functools.partial(_detectron2_keypoints, _depth, _resnext, _sched)
 
 
 def get_preset(name: str) -> Config:

@@ -209,6 +209,9 @@ class Predictor:
         step = max(batch_size, 1) if getattr(model, "batch_on_cpu", False) or not on_cpu else 1
         names = tuple(model.cfg.model.class_names)
         cat_ids = tuple(model.cfg.model.category_ids)
+        kh = model.cfg.model.keypoint_head
+        keypoint_meta = {"keypoint_names_table": tuple(kh.names), "skeleton_table": tuple(kh.skeleton),
+                         "keypoint_threshold": kh.draw_threshold, "keypoint_offset": kh.coco_offset}
         module = model if isinstance(model, torch.nn.Module) else None
         was_training = module is not None and module.training
         if module is not None:
@@ -224,7 +227,8 @@ class Predictor:
                         boxes=det["boxes"], scores=det["scores"], labels=det["labels"], masks=det.get("masks"),
                         soft_masks=det.get("soft_masks"), image_size=(int(t.shape[-2]), int(t.shape[-1])),
                         class_names_table=names, category_ids_table=cat_ids,
-                        image_path=str(src) if isinstance(src, (str, Path)) else None))
+                        image_path=str(src) if isinstance(src, (str, Path)) else None,
+                        keypoints=det.get("keypoints"), **keypoint_meta))
             return results
         finally:
             if module is not None:

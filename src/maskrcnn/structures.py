@@ -19,8 +19,14 @@ class Result:
     labels: (N,) int64 contiguous class indices 1..K (0 is background and never appears);
     masks: (N, H, W) bool at the input image's size, or None when the model has no mask head;
     soft_masks: (N, H, W) float32 probabilities, only when asked for.
+    keypoints: (N, K, 3) float32 [x, y, score] in absolute pixels of the input image, or None when the model has
+    no keypoint head; the score is the model's (``model.keypoint_head.score_type``: a heatmap logit or a softmax
+    probability).
     class_names: names of the K foreground classes (label i -> class_names[i-1]), possibly empty.
     category_ids: dataset category id for each contiguous label (label i -> category_ids[i-1]), possibly empty.
+    keypoint_names_table, skeleton_table: the model's keypoint names and its skeleton (pairs of 0-based keypoint
+    indices); keypoint_threshold: the score under which drawings skip a joint; keypoint_offset: subtracted from x
+    and y in COCO results (0.5 for models that add it to COCO's integer keypoints, as detectron2 does).
     """
 
     boxes: torch.Tensor
@@ -32,6 +38,11 @@ class Result:
     class_names_table: tuple[str, ...] = field(default=(), repr=False)
     category_ids_table: tuple[int, ...] = field(default=(), repr=False)
     image_path: str | None = None
+    keypoints: torch.Tensor | None = None
+    keypoint_names_table: tuple[str, ...] = field(default=(), repr=False)
+    skeleton_table: tuple[tuple[int, int], ...] = field(default=(), repr=False)
+    keypoint_threshold: float = field(default=0.0, repr=False)
+    keypoint_offset: float = field(default=0.0, repr=False)
 
     def __len__(self) -> int:
         """Number of detections N."""
@@ -57,16 +68,16 @@ class Result:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
-        return Result(mv(self.boxes), mv(self.scores), mv(self.labels), mv(self.masks), mv(self.soft_masks),
-                      self.image_size, self.class_names_table, self.category_ids_table, self.image_path)
+        return replace(self, boxes=mv(self.boxes), scores=mv(self.scores), labels=mv(self.labels),
+                       masks=mv(self.masks), soft_masks=mv(self.soft_masks), keypoints=mv(self.keypoints))
 
     def filter(self, keep: torch.Tensor) -> Result:
         """Subset of detections selected by a bool mask or index tensor over N."""
         def sel(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[keep]
 
-        return Result(sel(self.boxes), sel(self.scores), sel(self.labels), sel(self.masks), sel(self.soft_masks),
-                      self.image_size, self.class_names_table, self.category_ids_table, self.image_path)
+        return replace(self, boxes=sel(self.boxes), scores=sel(self.scores), labels=sel(self.labels),
+                       masks=sel(self.masks), soft_masks=sel(self.soft_masks), keypoints=sel(self.keypoints))
 
     def plot(self, image: Any = None, **kwargs: Any) -> np.ndarray:
         """Overlay of masks, boxes and labels on ``image`` (or the source file): (H, W, 3) uint8 RGB."""
@@ -90,7 +101,11 @@ class Result:
         return path
 
     def to_coco(self, image_id: int, **extra: Any) -> list[dict[str, Any]]:
-        """COCO results records (bbox XYWH, score, category_id, RLE segmentation) for this image."""
+        """COCO results records (bbox XYWH, score, category_id, RLE segmentation, keypoints) for this image.
+
+        ``keypoints`` is COCO's keypoint results format: [x1, y1, s1, x2, y2, s2, ...] with x, y in COCO's pixel
+        indices (``keypoint_offset`` subtracted) and s the keypoint's score; the record's ``score`` is the box's.
+        """
         from maskrcnn.ops.masks import encode_rle  # noqa: PLC0415
 
         boxes = self.boxes.detach().cpu().tolist()
@@ -98,12 +113,19 @@ class Result:
         cats = self.category_ids
         names = self.class_names
         rles = encode_rle(self.masks) if self.masks is not None else [None] * len(boxes)
+        kps: list[Any] = [None] * len(boxes)
+        if self.keypoints is not None:
+            k = self.keypoints.detach().cpu().to(torch.float64).clone()
+            k[..., :2] -= self.keypoint_offset
+            kps = k.flatten(1).tolist()
         out = []
-        for (x1, y1, x2, y2), s, c, n, rle in zip(boxes, scores, cats, names, rles):
+        for (x1, y1, x2, y2), s, c, n, rle, kp in zip(boxes, scores, cats, names, rles, kps):
             rec: dict[str, Any] = {"image_id": int(image_id), "category_id": int(c), "category_name": n,
                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(s)}
             if rle is not None:
                 rec["segmentation"] = rle
+            if kp is not None:
+                rec["keypoints"] = kp
             rec.update(extra)
             out.append(rec)
         return out

@@ -76,6 +76,20 @@ def resize_boxes(boxes: Tensor, original_size: tuple[int, int], new_size: tuple[
     return torch.stack((xmin * ratio_w, ymin * ratio_h, xmax * ratio_w, ymax * ratio_h), dim=1)
 
 
+def resize_keypoints(keypoints: Tensor, original_size: tuple[int, int], new_size: tuple[int, int]) -> Tensor:
+    """Scale x, y of (N, K, C>=2) keypoints from an image of ``original_size`` (H, W) to one of ``new_size``.
+
+    The ratios are float32 quotients, as for :func:`resize_boxes` (torchvision's ``resize_keypoints``).
+    """
+    ratio_h, ratio_w = (torch.tensor(s, dtype=torch.float32, device=keypoints.device)
+                        / torch.tensor(s_orig, dtype=torch.float32, device=keypoints.device)
+                        for s, s_orig in zip(new_size, original_size))
+    out = keypoints.clone()
+    out[..., 0] *= ratio_w
+    out[..., 1] *= ratio_h
+    return out
+
+
 class MaskRCNN(nn.Module):
     """Mask R-CNN (He et al. 2017): ResNet/ResNeXt with FPN, C4 or DC5 layout, in torchvision's module names.
 
@@ -269,7 +283,8 @@ class MaskRCNN(nn.Module):
         """Training: images already resized by the data pipeline, targets with boxes/labels/masks -> losses.
 
         images: (3, H, W) uint8 or float [0, 1] RGB tensors; targets: "boxes" (N, 4) XYXY pixels of that image,
-        "labels" (N,) int64 in 1..K, "masks" (N, H, W) uint8. In eval mode this is ``detect(images)``.
+        "labels" (N,) int64 in 1..K, "masks" (N, H, W) uint8 (with a mask head), "keypoints" (N, K, 3) float
+        [x, y, visibility] in pixels of that image (with a keypoint head). In eval mode this is ``detect(images)``.
         """
         if not self.training:
             return self.detect(images)
@@ -277,13 +292,26 @@ class MaskRCNN(nn.Module):
             raise ValueError("training needs targets: a dict with boxes, labels and masks per image")
         dev = self.device
         imgs = [check_image(img, i).to(dev) for i, img in enumerate(images)]
+        m = self.cfg.model
         tgts = []
         for i, t in enumerate(targets):
             boxes = t["boxes"]
             if boxes.dim() != 2 or boxes.shape[-1] != 4:
                 raise ValueError(f"target {i}: boxes must have shape (N, 4), got {tuple(boxes.shape)}")
-            tgts.append({"boxes": boxes.to(dev, torch.float32), "labels": t["labels"].to(dev, torch.int64),
-                         "masks": t["masks"].to(dev)})
+            tgt = {"boxes": boxes.to(dev, torch.float32), "labels": t["labels"].to(dev, torch.int64)}
+            if m.mask_head.enabled:
+                if "masks" not in t:
+                    raise ValueError(f"target {i}: this model has a mask head and trains on 'masks' (N, H, W)")
+                tgt["masks"] = t["masks"].to(dev)
+            if m.keypoint_head.enabled:
+                kps = t.get("keypoints")
+                k = m.keypoint_head.num_keypoints
+                if kps is None or kps.dim() != 3 or tuple(kps.shape[1:]) != (k, 3) or kps.shape[0] != boxes.shape[0]:
+                    got = "none" if kps is None else tuple(kps.shape)
+                    raise ValueError(f"target {i}: this model has a keypoint head and trains on 'keypoints' of shape "
+                                     f"({boxes.shape[0]}, {k}, 3), got {got}")
+                tgt["keypoints"] = kps.to(dev, torch.float32)
+            tgts.append(tgt)
         with stage("transform"):
             batch, sizes = self.preprocess(imgs, resize=False)
         return self.run(batch, sizes, tgts, generator)["losses"]
@@ -294,8 +322,10 @@ class MaskRCNN(nn.Module):
         """(3, H, W) uint8 or float [0, 1] RGB images -> per image detections mapped to the input image.
 
         Each dict: boxes (D, 4) XYXY input pixels, scores (D,), labels (D,), masks (D, H, W) bool,
-        optionally soft_masks (D, H, W) float; with ``keep_intermediates`` also proposals (P, 4) and mask_logits
-        (D, M, M) in resized-image pixels, features of the padded batch, and the resized sizes.
+        optionally soft_masks (D, H, W) float; with a keypoint head keypoints (D, K, 3) [x, y, score] in input
+        pixels (the score per ``model.keypoint_head.score_type``); with ``keep_intermediates`` also proposals
+        (P, 4) and resized_boxes (D, 4) in resized-image pixels, mask_logits (D, M, M), keypoint_logits
+        (D, K, m, m), features of the padded batch, and the resized sizes.
         """
         dev = self.device
         with stage("transform"):
@@ -309,13 +339,20 @@ class MaskRCNN(nn.Module):
         results = []
         for i, (det, img) in enumerate(zip(out["detections"], imgs)):
             orig = (int(img.shape[-2]), int(img.shape[-1]))
+            kps = det.get("keypoints")
             if self.cfg.model.box_head.clip_to_input:
                 # detectron2's detector_postprocess: scale, clip to the input, drop the boxes left empty.
-                boxes, keep, _ = detector_postprocess(det["boxes"], sizes[i], orig)
+                boxes, keep, kps = detector_postprocess(det["boxes"], sizes[i], orig, kps)
                 det = {k: v[keep] for k, v in det.items()}
             else:
                 boxes = resize_boxes(det["boxes"], sizes[i], orig)
+                if kps is not None:
+                    kps = resize_keypoints(kps, sizes[i], orig)
             r: dict[str, Any] = {"boxes": boxes, "scores": det["scores"], "labels": det["labels"]}
+            if kps is not None:
+                # Columns 2 and 3 are the logit and the softmax score (see ops.keypoints.heatmaps_to_keypoints).
+                col = 2 if self.cfg.model.keypoint_head.score_type == "logit" else 3
+                r["keypoints"] = torch.stack([kps[..., 0], kps[..., 1], kps[..., col]], dim=-1)
             if "masks" in det:
                 with stage("paste"):
                     if self.fast and not soft_masks:
@@ -334,7 +371,9 @@ class MaskRCNN(nn.Module):
                         if soft_masks:
                             r["soft_masks"] = pasted
             if keep_intermediates:
-                r.update(proposals=out["proposals"][i], mask_logits=det.get("mask_logits"), resized_size=sizes[i],
+                r.update(proposals=out["proposals"][i], resized_boxes=det["boxes"],
+                         mask_logits=det.get("mask_logits"), keypoint_logits=det.get("keypoint_logits"),
+                         resized_size=sizes[i],
                          batch_shape=tuple(batch.shape[-2:]), features=out["features"])
             results.append(r)
         return results

@@ -1,4 +1,4 @@
-"""RoI heads: proposal sampling in training, then the parallel box and mask branches."""
+"""RoI heads: proposal sampling in training, then the parallel box, mask and keypoint branches."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from maskrcnn.modeling.box_head import (
     per_class_outputs,
     postprocess_detections,
 )
+from maskrcnn.modeling.keypoint_head import KeypointRCNNHeads, KeypointRCNNPredictor, keypoint_inference, keypoint_loss
 from maskrcnn.modeling.mask_head import MaskRCNNHeads, MaskRCNNPredictor, maskrcnn_inference, maskrcnn_loss
 from maskrcnn.modeling.matcher import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedPositiveNegativeSampler, Matcher
 from maskrcnn.modeling.poolers import MultiScaleRoIAlign
@@ -25,12 +26,13 @@ FPN_LEVELS = ["0", "1", "2", "3"]
 
 
 class RoIHeads(nn.Module):
-    """Box branch (classification + regression) and mask branch over RoIs pooled from the backbone's levels.
+    """Box branch (classification + regression), mask and keypoint branches over RoIs pooled from the backbone.
 
     FPN and DC5 layouts pool each branch's RoIs from the feature levels (P2..P5, or res5) into its own head. In
     the C4 layout both branches pool from res4 and run ``res5`` (the last ResNet stage) on their RoIs: the box
     branch averages its output, the mask branch deconvolves it. With ``fast`` set, inference computes only each
-    detection's own mask channel (see :meth:`MaskRCNNPredictor.class_logits`).
+    detection's own mask channel (see :meth:`MaskRCNNPredictor.class_logits`). The keypoint branch (when
+    ``cfg.keypoint_head.enabled``) pools its own RoIs from the backbone's levels in every layout.
     """
 
     fast = False
@@ -41,8 +43,9 @@ class RoIHeads(nn.Module):
         ``in_channels``: channels of the pooled feature ``levels`` (default the FPN's "0".."3").
         """
         super().__init__()
-        bh, mh = cfg.box_head, cfg.mask_head
+        bh, mh, kh = cfg.box_head, cfg.mask_head, cfg.keypoint_head
         levels = list(levels or FPN_LEVELS)
+        feature_channels = in_channels
         k1 = cfg.num_classes + 1
         self.background = cfg.background
         self.box_cfg = bh
@@ -73,6 +76,17 @@ class RoIHeads(nn.Module):
             self.mask_head = MaskRCNNHeads(in_channels, mh)
             self.mask_predictor = MaskRCNNPredictor(self.mask_head.out_channels, mh.conv_dim,
                                                     per_class_outputs(cfg.num_classes, cfg.background))
+        self.keypoint_cfg = kh
+        self.keypoint_roi_pool: MultiScaleRoIAlign | None = None
+        self.keypoint_head: KeypointRCNNHeads | None = None
+        self.keypoint_predictor: KeypointRCNNPredictor | None = None
+        if kh.enabled:
+            self.keypoint_roi_pool = MultiScaleRoIAlign(levels, kh.pooler_resolution, kh.pooler_sampling_ratio,
+                                                        kh.pooler_aligned, mapper_eps=bh.pooler_level_eps,
+                                                        eps_inside_log=bh.pooler_eps_inside_log)
+            self.keypoint_head = KeypointRCNNHeads(feature_channels, kh.conv_dims)
+            self.keypoint_predictor = KeypointRCNNPredictor(self.keypoint_head.out_channels, kh.num_keypoints,
+                                                            kh.deconv_kernel, kh.up_scale)
 
     # -- training-time sampling -------------------------------------------------------------------------
 
@@ -127,8 +141,9 @@ class RoIHeads(nn.Module):
                 score_thresh: float | None = None) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         """Proposals (Pi, 4) XYXY resized-image pixels -> detections per image (eval) or losses (train).
 
-        In eval each detection dict has boxes (D, 4), scores (D,), labels (D,) and, with the mask branch,
-        ``mask_logits`` (D, M, M) of the predicted class and ``masks`` (D, 1, M, M) probabilities.
+        In eval each detection dict has boxes (D, 4), scores (D,), labels (D,); with the mask branch
+        ``mask_logits`` (D, M, M) of the predicted class and ``masks`` (D, 1, M, M) probabilities; with the keypoint
+        branch ``keypoints`` (D, K, 4) and ``keypoint_logits`` (D, K, m, m) (see :meth:`_keypoint_branch`).
         """
         losses: dict[str, Tensor] = {}
         if self.training:
@@ -154,11 +169,10 @@ class RoIHeads(nn.Module):
             else:
                 results = postprocess_detections(class_logits, box_regression, proposals, image_sizes,
                                                  self.box_coder, self.box_cfg, score_thresh, self.background)
-        if self.mask_head is None:
-            return results, losses
-        assert self.mask_roi_pool is not None and self.mask_predictor is not None
+        pos_props: list[Tensor] = []
+        pos_idxs: list[Tensor] = []
+        pos_rows: list[Tensor] = []
         if self.training:
-            pos_props, pos_idxs, pos_rows = [], [], []
             offset = 0
             for props, lab, idx in zip(proposals, labels, matched_idxs):
                 p = torch.where(lab > 0)[0]
@@ -166,6 +180,20 @@ class RoIHeads(nn.Module):
                 pos_idxs.append(idx[p])
                 pos_rows.append(p + offset)
                 offset += props.shape[0]
+        if self.mask_head is not None:
+            self._mask_branch(features, image_sizes, targets, results, losses, pos_props, pos_idxs, pos_rows, shared)
+        if self.keypoint_head is not None:
+            self._keypoint_branch(features, image_sizes, targets, results, losses, pos_props, pos_idxs)
+        return results, losses
+
+    def _mask_branch(self, features: dict[str, Tensor], image_sizes: list[tuple[int, int]],
+                     targets: list[dict[str, Tensor]] | None, results: list[dict[str, Tensor]],
+                     losses: dict[str, Tensor], pos_props: list[Tensor], pos_idxs: list[Tensor],
+                     pos_rows: list[Tensor], shared: Tensor | None) -> None:
+        """Training: ``loss_mask`` on the positive RoIs. Inference: ``masks`` and ``mask_logits`` per detection."""
+        assert self.mask_roi_pool is not None and self.mask_predictor is not None and self.mask_head is not None
+        if self.training:
+            assert targets is not None
             with stage("mask_head"):
                 if shared is not None:
                     # C4: the box branch's res5 output of the positive RoIs is the mask branch's input too.
@@ -177,30 +205,68 @@ class RoIHeads(nn.Module):
                 gt_channels = [class_channel(t["labels"], self.background) for t in targets]
                 losses["loss_mask"] = maskrcnn_loss(mask_logits, pos_props, [t["masks"] for t in targets],
                                                     gt_channels, pos_idxs)
-        else:
-            det_boxes = [r["boxes"] for r in results]
-            if sum(b.shape[0] for b in det_boxes) == 0:
-                m = self.mask_size
-                for r in results:
-                    r["mask_logits"] = r["boxes"].new_zeros((0, m, m))
-                    r["masks"] = r["boxes"].new_zeros((0, 1, m, m))
-                return results, losses
-            with stage("mask_head"):
-                with stage("mask_head.roi_align"):
-                    pooled = self.mask_roi_pool(features, det_boxes, image_sizes)
-                if self.res5 is not None:
-                    pooled = self.res5(pooled)
-                labels_det = [class_channel(r["labels"], self.background) for r in results]
-                counts = [b.shape[0] for b in det_boxes]
-                if self.fast:
-                    chosen = self.mask_predictor.class_logits(self.mask_head(pooled), torch.cat(labels_det)).float()
-                    probs = list(chosen.sigmoid()[:, None].split(counts, dim=0))
-                else:
-                    mask_logits = self.mask_predictor(self.mask_head(pooled)).float()
-                    probs = maskrcnn_inference(mask_logits, labels_det)
-                    idx = torch.arange(mask_logits.shape[0], device=mask_logits.device)
-                    chosen = mask_logits[idx, torch.cat(labels_det)]
-                for r, p, lg in zip(results, probs, chosen.split(counts)):
-                    r["masks"] = p
-                    r["mask_logits"] = lg
-        return results, losses
+            return
+        det_boxes = [r["boxes"] for r in results]
+        if sum(b.shape[0] for b in det_boxes) == 0:
+            m = self.mask_size
+            for r in results:
+                r["mask_logits"] = r["boxes"].new_zeros((0, m, m))
+                r["masks"] = r["boxes"].new_zeros((0, 1, m, m))
+            return
+        with stage("mask_head"):
+            with stage("mask_head.roi_align"):
+                pooled = self.mask_roi_pool(features, det_boxes, image_sizes)
+            if self.res5 is not None:
+                pooled = self.res5(pooled)
+            labels_det = [class_channel(r["labels"], self.background) for r in results]
+            counts = [b.shape[0] for b in det_boxes]
+            if self.fast:
+                chosen = self.mask_predictor.class_logits(self.mask_head(pooled), torch.cat(labels_det)).float()
+                probs = list(chosen.sigmoid()[:, None].split(counts, dim=0))
+            else:
+                mask_logits = self.mask_predictor(self.mask_head(pooled)).float()
+                probs = maskrcnn_inference(mask_logits, labels_det)
+                idx = torch.arange(mask_logits.shape[0], device=mask_logits.device)
+                chosen = mask_logits[idx, torch.cat(labels_det)]
+            for r, p, lg in zip(results, probs, chosen.split(counts)):
+                r["masks"] = p
+                r["mask_logits"] = lg
+
+    def _keypoint_branch(self, features: dict[str, Tensor], image_sizes: list[tuple[int, int]],
+                         targets: list[dict[str, Tensor]] | None, results: list[dict[str, Tensor]],
+                         losses: dict[str, Tensor], pos_props: list[Tensor], pos_idxs: list[Tensor]) -> None:
+        """Training: ``loss_keypoint`` on the positive RoIs. Inference, per detection: ``keypoints`` (D, K, 4)
+        [x, y (resized-image px), logit, softmax score] and ``keypoint_logits`` (D, K, m, m)."""
+        assert self.keypoint_roi_pool is not None and self.keypoint_head is not None
+        assert self.keypoint_predictor is not None
+        kh = self.keypoint_cfg
+        if self.training:
+            assert targets is not None
+            if any("keypoints" not in t for t in targets):
+                raise ValueError("a keypoint model trains on targets with 'keypoints' (N, K, 3) [x, y, visibility]")
+            with stage("keypoint_head"):
+                pooled = self.keypoint_roi_pool(features, pos_props, image_sizes)
+                logits = self.keypoint_predictor(self.keypoint_head(pooled)).float()
+                normalizer = None
+                if not kh.normalize_by_visible:
+                    # detectron2's fixed normaliser: the keypoints of a full quota of positive RoIs per image.
+                    normalizer = (len(targets) * self.box_cfg.batch_size_per_image * self.box_cfg.positive_fraction
+                                  * kh.num_keypoints)
+                loss = keypoint_loss(logits, pos_props, [t["keypoints"] for t in targets], pos_idxs, normalizer)
+                losses["loss_keypoint"] = loss * kh.loss_weight
+            return
+        det_boxes = [r["boxes"] for r in results]
+        k = kh.num_keypoints
+        if sum(b.shape[0] for b in det_boxes) == 0:
+            m = kh.pooler_resolution * 2 * kh.up_scale
+            for r in results:
+                r["keypoints"] = r["boxes"].new_zeros((0, k, 4))
+                r["keypoint_logits"] = r["boxes"].new_zeros((0, k, m, m))
+            return
+        with stage("keypoint_head"):
+            pooled = self.keypoint_roi_pool(features, det_boxes, image_sizes)
+            logits = self.keypoint_predictor(self.keypoint_head(pooled)).float()
+            counts = [b.shape[0] for b in det_boxes]
+            for r, kp, lg in zip(results, keypoint_inference(logits, det_boxes), logits.split(counts)):
+                r["keypoints"] = kp
+                r["keypoint_logits"] = lg

@@ -1,4 +1,5 @@
-"""Keypoint decoding: heatmap logits -> (x, y, score) per keypoint, as torchvision and detectron2 do it."""
+"""Keypoints as one-hot heatmaps (paper, Sec. 5): training targets from RoIs, and decoding heatmap logits to
+(x, y, score), as torchvision and detectron2 do both."""
 
 from __future__ import annotations
 
@@ -59,3 +60,30 @@ def heatmaps_to_keypoints(maps: Tensor, rois: Tensor, min_size: float = 1.0) -> 
     denom = (maps - max_vals[:, :, None, None]).exp().sum((2, 3))
     out[:, :, 3] = 1.0 / denom
     return out
+
+
+def keypoint_heatmap_targets(keypoints: Tensor, rois: Tensor, heatmap_size: int) -> tuple[Tensor, Tensor]:
+    """(R, K, 3) keypoints [x, y, visibility] and (R, 4) XYXY RoIs, both px of one image -> targets and validity.
+
+    Each keypoint is mapped into its RoI's ``heatmap_size`` x ``heatmap_size`` grid: the cell is
+    floor((x - x0) * m / (x1 - x0)), the same in y, so the half-open [x0, x1) maps onto 0..m-1 and a keypoint
+    exactly on the right or bottom edge is put in the last cell. Returns the row-major cell index (R, K) int64
+    (0 where invalid) and (R, K) bool: visible (v > 0) and inside the RoI. The frameworks' arithmetic, in order.
+    """
+    if rois.numel() == 0:
+        return rois.new_zeros((0, keypoints.shape[1]), dtype=torch.int64), rois.new_zeros(
+            (0, keypoints.shape[1]), dtype=torch.bool)
+    offset_x = rois[:, 0][:, None]
+    offset_y = rois[:, 1][:, None]
+    scale_x = (heatmap_size / (rois[:, 2] - rois[:, 0]))[:, None]
+    scale_y = (heatmap_size / (rois[:, 3] - rois[:, 1]))[:, None]
+    x = keypoints[..., 0]
+    y = keypoints[..., 1]
+    on_right = x == rois[:, 2][:, None]
+    on_bottom = y == rois[:, 3][:, None]
+    xi = ((x - offset_x) * scale_x).floor().long()
+    yi = ((y - offset_y) * scale_y).floor().long()
+    xi[on_right] = heatmap_size - 1
+    yi[on_bottom] = heatmap_size - 1
+    valid = (xi >= 0) & (yi >= 0) & (xi < heatmap_size) & (yi < heatmap_size) & (keypoints[..., 2] > 0)
+    return (yi * heatmap_size + xi) * valid, valid

@@ -3,9 +3,10 @@
 ``load_model(path_or_name)`` accepts:
 - a directory holding ``model.safetensors`` and ``config.json`` (what ``Predictor.save`` writes), or one of
   those two files (:mod:`maskrcnn.weights.native`);
-- a torchvision ``.pth`` state dict of ``maskrcnn_resnet50_fpn`` (v1) or ``maskrcnn_resnet50_fpn_v2``: the variant
-  is told from the keys and the class count from the predictor's shape (:mod:`maskrcnn.weights.torchvision`);
-- a detectron2 model-zoo ``.pkl`` or training checkpoint ``.pth`` of any Mask R-CNN layout
+- a torchvision ``.pth`` state dict of ``maskrcnn_resnet50_fpn`` (v1), ``maskrcnn_resnet50_fpn_v2`` or
+  ``keypointrcnn_resnet50_fpn``: the variant is told from the keys and the class count from the predictor's shape
+  (:mod:`maskrcnn.weights.torchvision`);
+- a detectron2 model-zoo ``.pkl`` or training checkpoint ``.pth`` of any Mask R-CNN layout or Keypoint R-CNN
   (:mod:`maskrcnn.weights.detectron2`), read without running code;
 - a registry name (:mod:`maskrcnn.weights.zoo`), resolved to the cached file.
 
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from maskrcnn.config import Config, ConfigError
+from maskrcnn.config import Config, ConfigError, get_preset
 from maskrcnn.modeling.mask_rcnn import MaskRCNN
 from maskrcnn.predict import Predictor
 from maskrcnn.weights.detectron2 import (
@@ -126,24 +127,26 @@ def read_init_state(path_or_name: str | Path) -> tuple[Config | None, dict[str, 
     return read_checkpoint(path)
 
 
-def _resolve(path_or_name: str | Path) -> tuple[Path, tuple[str, ...], tuple[int, ...]]:
-    """A file path for a path or registry name, with the entry's class names and category ids (else empty)."""
-    path = Path(path_or_name)
-    class_names: tuple[str, ...] = ()
-    category_ids: tuple[int, ...] = ()
-    if not path.exists():
-        from maskrcnn.weights import zoo  # noqa: PLC0415 - network code only when a name is given
+def _resolve(path_or_name: str | Path) -> tuple[Path, Any]:
+    """A file path for a path or registry name, with its registry entry (None when it is not a known file).
 
-        entry = zoo.REGISTRY.get(str(path_or_name))
-        if entry is not None:
-            class_names, category_ids = entry.class_names, entry.category_ids
-        path = zoo.resolve_weights(str(path_or_name))
-    return path, class_names, category_ids
+    A path whose file name is a registry entry's (the cache's name, torchvision's hub name) counts as that entry.
+    """
+    from maskrcnn.weights import zoo  # noqa: PLC0415 - the registry; downloads only for a name not on disk
+
+    path = Path(path_or_name)
+    if path.exists():
+        entry = next((e for e in zoo.REGISTRY.values() if e.file_name == path.name), None)
+        return path, entry
+    entry = zoo.REGISTRY.get(str(path_or_name))
+    return zoo.resolve_weights(str(path_or_name)), entry
 
 
 def read_checkpoint(path_or_name: str | Path) -> tuple[Config, dict[str, torch.Tensor], Path]:
     """Any supported checkpoint or registry name -> (its config, its state dict in our key names, the file)."""
-    path, class_names, category_ids = _resolve(path_or_name)
+    path, entry = _resolve(path_or_name)
+    class_names: tuple[str, ...] = entry.class_names if entry is not None else ()
+    category_ids: tuple[int, ...] = entry.category_ids if entry is not None else ()
     if is_native(path):
         cfg, state = read_native(path)
     else:
@@ -153,6 +156,11 @@ def read_checkpoint(path_or_name: str | Path) -> tuple[Config, dict[str, torch.T
             cfg = config_for_detectron2(state, str(path))
         elif is_torchvision_state(state):
             cfg = config_for_torchvision(state)
+            if entry is not None and cfg.model.keypoint_head.enabled:
+                # Keypoint R-CNN's FrozenBN eps is not in its weights: the registry knows it of its published files.
+                eps = get_preset(entry.preset).model.backbone.norm_eps
+                cfg = dataclasses.replace(cfg, name=entry.preset, model=dataclasses.replace(
+                    cfg.model, backbone=dataclasses.replace(cfg.model.backbone, norm_eps=eps)))
         elif is_caffe2_resnet(state) or is_torchvision_resnet(state):
             raise WeightsError(f"{path}: ImageNet weights of a ResNet body, not a Mask R-CNN: start training from "
                                f"them with 'maskrcnn train --weights {path_or_name}'")

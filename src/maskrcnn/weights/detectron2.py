@@ -45,6 +45,8 @@ _ALLOWED_GLOBALS = {
     ("_codecs", "encode"),
 }
 
+KEYPOINT_PREDICTOR = "roi_heads.keypoint_predictor.kps_score_lowres.weight"
+
 # Keys of a detectron2 state dict that mean nothing to the model: anchor buffers of the 2019 zoo files and the
 # (non-persistent since) pixel statistics, which the config holds.
 _IGNORED = re.compile(r"^(proposal_generator\.anchor_generator\.cell_anchors\.\d+|pixel_mean|pixel_std)$")
@@ -136,6 +138,13 @@ def _rename(key: str) -> str | None:
     m = re.fullmatch(r"roi_heads\.mask_head\.(deconv|predictor)\.(weight|bias)", key)
     if m:
         return f"roi_heads.mask_predictor.{'conv5_mask' if m[1] == 'deconv' else 'mask_fcn_logits'}.{m[2]}"
+    # KRCNNConvDeconvUpsampleHead: conv_fcn1..N (each followed by a parameterless ReLU), then score_lowres.
+    m = re.fullmatch(r"roi_heads\.keypoint_head\.conv_fcn(\d+)\.(weight|bias)", key)
+    if m:
+        return f"roi_heads.keypoint_head.{2 * (int(m[1]) - 1)}.{m[2]}"
+    m = re.fullmatch(r"roi_heads\.keypoint_head\.score_lowres\.(weight|bias)", key)
+    if m:
+        return f"roi_heads.keypoint_predictor.kps_score_lowres.{m[1]}"
     return None
 
 
@@ -153,9 +162,7 @@ def convert_detectron2_state(state: Mapping[str, Any], source: str = "checkpoint
             out[new] = v
     if unknown:
         hint = ""
-        if any(k.startswith("roi_heads.keypoint_head.") for k in unknown):
-            hint = " (keypoint heads are not supported yet)"
-        elif any(k.startswith("roi_heads.box_head.conv") for k in unknown):
+        if any(k.startswith("roi_heads.box_head.conv") for k in unknown):
             hint = " (convolutional box heads of detectron2 are not supported yet)"
         shown = ", ".join(sorted(unknown)[:8]) + (" ..." if len(unknown) > 8 else "")
         raise WeightsError(f"{source}: {len(unknown)} detectron2 keys have no counterpart in this library{hint}: "
@@ -174,6 +181,8 @@ def config_for_detectron2(state: Mapping[str, Any], source: str = "checkpoint") 
 
     Layout: FPN when it has FPN keys, C4 when res5 is in the RoI heads, DC5 otherwise. Depth from res4's block
     count, groups and widths from the conv shapes, classes from the classifier, head widths from their layers.
+    A keypoint head (``keypoint_predictor``) selects the zoo's Keypoint R-CNN conventions, its tower widths and
+    keypoint count read off the tensors.
     """
     keys = set(state)
     body = "backbone.body."
@@ -197,6 +206,19 @@ def config_for_detectron2(state: Mapping[str, Any], source: str = "checkpoint") 
     # The zoo's conventions, which weights cannot show: MSRA R50/R101 vs ResNeXt (see the module docstring).
     name = f"detectron2_{'X' if groups > 1 else 'R'}_{depth}_{layout.upper()}"
     cfg = get_preset("mask_rcnn_X_101_32x8d_FPN_3x" if groups > 1 else f"mask_rcnn_R_50_{layout.upper()}_3x")
+    keypoint_head = cfg.model.keypoint_head
+    if KEYPOINT_PREDICTOR in keys:
+        # The zoo's keypoint conventions (softmax scores, +0.5 px COCO offset, ROIAlignV2); the zoo has FPN only.
+        kp_cfg = get_preset("keypoint_rcnn_X_101_32x8d_FPN_3x" if groups > 1 else "keypoint_rcnn_R_50_FPN_3x")
+        if layout == "fpn":
+            cfg = kp_cfg
+        tower = sorted((int(mt[1]), _shape(state, k)[0]) for k in keys
+                       if (mt := re.fullmatch(r"roi_heads\.keypoint_head\.(\d+)\.weight", k)))
+        num_kp = _shape(state, KEYPOINT_PREDICTOR)[1]
+        keypoint_head = dataclasses.replace(kp_cfg.model.keypoint_head, num_keypoints=num_kp,
+                                            conv_dims=tuple(d for _, d in tower))
+        if num_kp != len(keypoint_head.names):
+            keypoint_head = dataclasses.replace(keypoint_head, names=(), skeleton=())
     m = cfg.model
     backbone = dataclasses.replace(m.backbone, depth=depth, groups=groups, width_per_group=width // groups,
                                    stem_out_channels=stem, res2_out_channels=res2_out)
@@ -213,7 +235,7 @@ def config_for_detectron2(state: Mapping[str, Any], source: str = "checkpoint") 
         mask_head = dataclasses.replace(mask_head,
                                         conv_dim=_shape(state, "roi_heads.mask_predictor.conv5_mask.weight")[1])
     model = dataclasses.replace(m, num_classes=k1 - 1, class_names=(), category_ids=(), backbone=backbone, fpn=fpn,
-                                box_head=box_head, mask_head=mask_head)
+                                box_head=box_head, mask_head=mask_head, keypoint_head=keypoint_head)
     return dataclasses.replace(cfg, name=name, model=model)
 
 

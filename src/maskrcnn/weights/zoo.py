@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+from maskrcnn.config import COCO_PERSON_KEYPOINT_NAMES
 from maskrcnn.weights.coco_names import COCO_CLASS_NAMES, CONTIGUOUS_TO_COCO_ID, TORCHVISION_COCO_CLASS_NAMES
 
 WeightsFormat = Literal["torchvision", "detectron2", "maskrcnn"]
@@ -92,8 +93,10 @@ class WeightsEntry:
         box_ap, mask_ap: published COCO val2017 AP (IoU 0.50:0.95), or ``None`` when unknown.
         description: one line for listings.
         file_name: name in the cache; defaults to the last path component of ``url``.
-        kind: ``"mask_rcnn"`` (a whole model) or ``"backbone"`` (ImageNet weights of the ResNet body only, to
-            start training from: ``maskrcnn train --weights NAME``).
+        kind: ``"mask_rcnn"`` (a whole model), ``"keypoint_rcnn"`` (a whole Keypoint R-CNN) or ``"backbone"``
+            (ImageNet weights of the ResNet body only, to start training from: ``maskrcnn train --weights NAME``).
+        keypoint_ap: published COCO val2017 keypoint AP (OKS 0.50:0.95) of a Keypoint R-CNN, else ``None``.
+        keypoint_names: the names of its keypoints (index k -> ``keypoint_names[k]``).
     """
 
     name: str
@@ -108,7 +111,9 @@ class WeightsEntry:
     mask_ap: float | None = None
     description: str = ""
     file_name: str = ""
-    kind: Literal["mask_rcnn", "backbone"] = "mask_rcnn"
+    kind: Literal["mask_rcnn", "keypoint_rcnn", "backbone"] = "mask_rcnn"
+    keypoint_ap: float | None = None
+    keypoint_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Validate the fields and fill in ``file_name``."""
@@ -126,6 +131,7 @@ class WeightsEntry:
         # Frozen dataclass: normalised values must go through object.__setattr__.
         object.__setattr__(self, "sha256", digest)
         object.__setattr__(self, "class_names", tuple(self.class_names))
+        object.__setattr__(self, "keypoint_names", tuple(self.keypoint_names))
         if not self.file_name:
             file_name = Path(urllib.parse.urlparse(self.url).path).name
             if not file_name:
@@ -184,6 +190,50 @@ def _detectron2_coco(config: str, model_id: int, suffix: str, box_ap: float, mas
         file_name=f"{config}_{model_id}_model_final_{suffix}.pkl")
 
 
+def _keypoint_entry(name: str, url: str, sha256: str, fmt: WeightsFormat, preset: str, box_ap: float,
+                    keypoint_ap: float, description: str, file_name: str = "") -> WeightsEntry:
+    """A COCO person Keypoint R-CNN: one class (person, category 1) and COCO's 17 person keypoints."""
+    return WeightsEntry(name=name, url=url, sha256=sha256, format=fmt, preset=preset, num_classes=1,
+                        class_names=("person",), category_ids=(1,), box_ap=box_ap, description=description,
+                        file_name=file_name, kind="keypoint_rcnn", keypoint_ap=keypoint_ap,
+                        keypoint_names=COCO_PERSON_KEYPOINT_NAMES)
+
+
+# detectron2's COCO person keypoint zoo: (config name, model id, file suffix, box AP, keypoint AP), MODEL_ZOO.md.
+_DETECTRON2_KEYPOINT_RCNN = (
+    ("keypoint_rcnn_R_50_FPN_1x", 137261548, "04e291", 53.6, 64.0),
+    ("keypoint_rcnn_R_50_FPN_3x", 137849621, "a6e10b", 55.4, 65.5),
+    ("keypoint_rcnn_R_101_FPN_3x", 138363331, "997cc7", 56.4, 66.1),
+    ("keypoint_rcnn_X_101_32x8d_FPN_3x", 139686956, "5ad38f", 57.3, 66.0),
+)
+
+
+def _detectron2_keypoints(config: str, model_id: int, suffix: str, box_ap: float, keypoint_ap: float
+                          ) -> WeightsEntry:
+    """A detectron2 model-zoo COCO person Keypoint R-CNN (no published digest, as for its Mask R-CNNs)."""
+    arch = config[len("keypoint_rcnn_"):].rsplit("_", 1)[0].replace("_", "-")
+    return _keypoint_entry(
+        f"detectron2_{config}",
+        f"https://dl.fbaipublicfiles.com/detectron2/COCO-Keypoints/{config}/{model_id}/model_final_{suffix}.pkl",
+        "", "detectron2", config, box_ap, keypoint_ap,
+        f"Keypoint R-CNN {arch} ({config.rsplit('_', 1)[1]}), detectron2 model zoo (COCO person keypoints)",
+        file_name=f"{config}_{model_id}_model_final_{suffix}.pkl")
+
+
+_KEYPOINTS = (
+    # torchvision's default weights; trained with FrozenBN eps 0, which torchvision restores after loading them.
+    _keypoint_entry("keypointrcnn_resnet50_fpn", f"https://download.pytorch.org/models/"
+                    f"keypointrcnn_resnet50_fpn_coco-fc266e95.pth", "fc266e95", "torchvision",
+                    "keypointrcnn_resnet50_fpn_coco_v1", 54.6, 65.0,
+                    "Keypoint R-CNN ResNet-50-FPN, torchvision COCO_V1 weights (COCO person keypoints)"),
+    _keypoint_entry("keypointrcnn_resnet50_fpn_legacy", f"https://download.pytorch.org/models/"
+                    f"keypointrcnn_resnet50_fpn_coco-9f466800.pth", "9f466800", "torchvision",
+                    "keypointrcnn_resnet50_fpn", 50.6, 61.1,
+                    "Keypoint R-CNN ResNet-50-FPN, torchvision COCO_LEGACY weights (COCO person keypoints)"),
+    *(_detectron2_keypoints(*row) for row in _DETECTRON2_KEYPOINT_RCNN),
+)
+
+
 def _imagenet_backbone(name: str, url: str, sha256: str, fmt: WeightsFormat, preset: str,
                        description: str) -> WeightsEntry:
     """ImageNet-classification weights of a ResNet/ResNeXt body, to initialise training from."""
@@ -214,6 +264,7 @@ REGISTRY: dict[str, WeightsEntry] = {e.name: e for e in (
     _torchvision_coco("maskrcnn_resnet50_fpn_v2", "73cbd019", "torchvision_v2", 47.4, 41.8,
                       "Mask R-CNN ResNet-50-FPN v2 (improved recipe), torchvision weights (COCO train2017)"),
     *(_detectron2_coco(*row) for row in _DETECTRON2_MASK_RCNN),
+    *_KEYPOINTS,
     *_BACKBONES,
 )}
 
