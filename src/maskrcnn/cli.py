@@ -225,8 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # train ------------------------------------------------------------------------------------------------------
     p = _add(sub, "train", "train a model on a COCO-format dataset",
-             description="Train on a COCO instances JSON. The config is the preset, then --config, then KEY=VALUE "
-                         "overrides; the classes come from the dataset.\nWrites OUT/config.yaml, "
+             description="Train on a COCO instances JSON (or a person_keypoints JSON for a keypoint preset, e.g. "
+                         "r18_fpn_keypoint_demo). The config is the preset, then --config, then KEY=VALUE "
+                         "overrides; the classes (and keypoints) come from the dataset.\nWrites OUT/config.yaml, "
                          "OUT/metrics.jsonl, OUT/checkpoints/, OUT/loss_curves.png and OUT/model_final/.",
              epilog="example:\n  maskrcnn train --data train.json --images imgs/ --out runs/a --preset r18_fpn_demo "
                     "solver.max_iter=2000")
@@ -250,9 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     # eval -------------------------------------------------------------------------------------------------------
-    p = _add(sub, "eval", "evaluate a model on a COCO-format dataset (box and mask AP)",
-             description="COCO box and mask AP of a model. Writes OUT/metrics.json (fractions in [0, 1]) and "
-                         "OUT/results.json (COCO results).")
+    p = _add(sub, "eval", "evaluate a model on a COCO-format dataset (box, mask and keypoint AP)",
+             description="COCO box AP of a model, with its mask AP when it has a mask head and its keypoint (OKS) AP "
+                         "when it has a keypoint head (give a person_keypoints JSON). Writes OUT/metrics.json "
+                         "(fractions in [0, 1]) and OUT/results.json (COCO results).")
     p.add_argument("--weights", required=True, metavar="NAME_OR_PATH", help="checkpoint or registry name")
     p.add_argument("--data", required=True, metavar="ANN.json", help="COCO instances JSON with the ground truth")
     p.add_argument("--images", required=True, metavar="DIR", help="folder the JSON's file_name entries are under")

@@ -397,6 +397,23 @@ def _r18_fpn_demo() -> Config:
     return Config(name="r18_fpn_demo", model=model, input=inp, solver=solver, train=train)
 
 
+def _r18_fpn_keypoint_demo() -> Config:
+    """The demo's ResNet-18-FPN as a Keypoint R-CNN that trains from scratch on a CPU, for person keypoint files.
+
+    ``r18_fpn_demo`` (GroupNorm, AdamW, 2 images per batch) with one class, no mask head, a keypoint tower of
+    8 x 64 channels and a short side of 256 (persons need more pixels than the demo's shapes); images need one
+    visible keypoint (detectron2's rule).
+    """
+    base = _r18_fpn_demo()
+    m = base.model
+    model = dataclasses.replace(
+        m, num_classes=1, class_names=("person",), mask_head=dataclasses.replace(m.mask_head, enabled=False),
+        keypoint_head=KeypointHeadConfig(enabled=True, conv_dims=(64,) * 8, min_keypoints_per_image=1))
+    inp = dataclasses.replace(base.input, min_size_train=(224, 256, 288), max_size_train=448, min_size_test=256,
+                              max_size_test=448)
+    return dataclasses.replace(base, name="r18_fpn_keypoint_demo", model=model, input=inp)
+
+
 # detectron2's pixel statistics: BGR 0-255; std 1 for the MSRA ResNets, the ImageNet std for ResNeXt.
 DETECTRON2_PIXEL_MEAN_BGR = (103.53, 116.28, 123.675)
 DETECTRON2_PIXEL_STD_MSRA = (1.0, 1.0, 1.0)
@@ -492,6 +509,7 @@ PRESETS: dict[str, typing.Callable[[], Config]] = {
     "torchvision_v1": _torchvision_v1,
     "torchvision_v2": _torchvision_v2,
     "r18_fpn_demo": _r18_fpn_demo,
+    "r18_fpn_keypoint_demo": _r18_fpn_keypoint_demo,
     "keypointrcnn_resnet50_fpn": _keypointrcnn_resnet50_fpn,
     "keypointrcnn_resnet50_fpn_coco_v1": functools.partial(_keypointrcnn_resnet50_fpn, 0.0,
                                                            "keypointrcnn_resnet50_fpn_coco_v1"),

@@ -1,4 +1,5 @@
-"""Drawing detections: translucent masks with contours, box outlines and score labels, and per-instance mask PNGs.
+"""Drawing detections: translucent masks with contours, box outlines and score labels, keypoint skeletons, and
+per-instance mask PNGs.
 
 Everything is numpy (masks, contours) plus PIL (boxes, text); work per instance is vectorised and cropped to the
 instance's bounding box, so cost grows with the instances' size rather than N x H x W.
@@ -6,6 +7,7 @@ instance's bounding box, so cost grows with the instances' size rather than N x 
 
 from __future__ import annotations
 
+import colorsys
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +27,9 @@ __all__ = [
     "default_line_width",
     "default_font_size",
     "draw_instances",
+    "draw_keypoints",
     "draw_result",
+    "joint_color",
     "save_mask_pngs",
 ]
 
@@ -259,6 +263,55 @@ def _mask_corner(masks: np.ndarray | None, i: int) -> tuple[float, float, float,
     return float(x0), float(y0), float(x1), float(y1)
 
 
+def joint_color(index: int, num_keypoints: int) -> RGB:
+    """Colour (R, G, B) 0..255 of keypoint ``index`` of ``num_keypoints``: a rainbow, the same joint alike in
+    every instance (Detectron's keypoint drawings)."""
+    r, g, b = colorsys.hsv_to_rgb(index / max(num_keypoints, 1), 0.85, 1.0)
+    return int(round(r * 255)), int(round(g * 255)), int(round(b * 255))
+
+
+def draw_keypoints(
+    image: Any,
+    keypoints: Any,
+    skeleton: Sequence[Sequence[int]] = (),
+    threshold: float = 0.0,
+    radius: int | None = None,
+    line_width: int | None = None,
+) -> np.ndarray:
+    """Draw (N, K, 3) keypoints [x, y, score] (px of ``image``) and their skeleton: (H, W, 3) uint8 RGB.
+
+    Joints scoring under ``threshold`` are skipped, and so is every limb (a ``skeleton`` pair of 0-based keypoint
+    indices) that touches one. Limbs take the colour of their first joint; joints are dots in their own colour
+    (:func:`joint_color`) with a dark rim, drawn over the limbs.
+    """
+    out = to_hwc_uint8(image)
+    kps = _as_numpy(keypoints, np.float64)
+    if kps.size == 0:
+        return out
+    if kps.ndim != 3 or kps.shape[2] < 3:
+        raise ValueError(f"keypoints must be (N, K, 3) [x, y, score], got shape {kps.shape}")
+    height, width = out.shape[:2]
+    num_kp = kps.shape[1]
+    bad = [pair for pair in skeleton if not all(0 <= int(i) < num_kp for i in pair)]
+    if bad:
+        raise ValueError(f"skeleton pairs {bad[:3]} name keypoints outside 0..{num_kp - 1}")
+    lw = int(line_width) if line_width is not None else default_line_width(height, width)
+    rad = int(radius) if radius is not None else max(2, lw + 1)
+    shown = (kps[..., 2] >= threshold) & np.isfinite(kps).all(axis=2)
+    colors = [joint_color(k, num_kp) for k in range(num_kp)]
+    pil = Image.fromarray(out)
+    draw = ImageDraw.Draw(pil)
+    for n in range(kps.shape[0] - 1, -1, -1):  # the first (best) instance ends on top
+        for a, b in skeleton:
+            a, b = int(a), int(b)
+            if shown[n, a] and shown[n, b]:
+                draw.line([(kps[n, a, 0], kps[n, a, 1]), (kps[n, b, 0], kps[n, b, 1])], fill=colors[a], width=lw)
+        for k in np.flatnonzero(shown[n]):
+            x, y = kps[n, k, 0], kps[n, k, 1]
+            draw.ellipse([x - rad, y - rad, x + rad, y + rad], fill=colors[k], outline=(0, 0, 0))
+    return np.asarray(pil).copy()
+
+
 def draw_result(
     image: Any,
     result: Result,
@@ -269,12 +322,15 @@ def draw_result(
     alpha: float = 0.5,
     line_width: int | None = None,
     font_size: int | None = None,
+    show_keypoints: bool = True,
+    keypoint_threshold: float | None = None,
 ) -> np.ndarray:
     """Overlay of ``result``'s detections with score >= ``score_threshold`` on ``image``: (H, W, 3) uint8 RGB.
 
     ``image`` is (H, W, 3) uint8 numpy, a (3, H, W) uint8 or [0, 1] float tensor, or a path. Labels read
     "name 0.93". Colours follow each detection's index in the unfiltered result, so they stay put when the
-    threshold changes.
+    threshold changes. Keypoints (when the result has them) are drawn with their skeleton; joints scoring under
+    ``keypoint_threshold`` (default: the result's ``keypoint_threshold``, the model's) are left out.
     """
     scores = _as_numpy(result.scores, np.float64).reshape(-1)
     keep = np.flatnonzero(scores >= score_threshold)
@@ -285,9 +341,14 @@ def draw_result(
         masks = _as_numpy(result.masks[torch.as_tensor(keep, dtype=torch.long)]
                           if isinstance(result.masks, torch.Tensor) else np.asarray(result.masks)[keep])
     boxes = _as_numpy(result.boxes, np.float64).reshape(-1, 4)[keep]
-    return draw_instances(image, boxes, masks, texts, colors=[color_for(i) for i in keep], alpha=alpha,
-                          line_width=line_width, font_size=font_size, show_masks=show_masks,
-                          show_boxes=show_boxes, show_labels=show_labels)
+    out = draw_instances(image, boxes, masks, texts, colors=[color_for(i) for i in keep], alpha=alpha,
+                         line_width=line_width, font_size=font_size, show_masks=show_masks,
+                         show_boxes=show_boxes, show_labels=show_labels)
+    if show_keypoints and result.keypoints is not None and len(keep):
+        kps = _as_numpy(result.keypoints, np.float64)[keep]
+        thresh = result.keypoint_threshold if keypoint_threshold is None else keypoint_threshold
+        out = draw_keypoints(out, kps, result.skeleton_table, thresh, line_width=line_width)
+    return out
 
 
 def _safe_name(name: str) -> str:

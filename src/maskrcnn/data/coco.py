@@ -1,4 +1,5 @@
-"""COCO-format instance segmentation dataset: images plus boxes, contiguous labels and bitmap masks."""
+"""COCO-format instance segmentation dataset: images plus boxes, contiguous labels and bitmap masks, and the
+person keypoints of ``person_keypoints_*.json`` files."""
 
 from __future__ import annotations
 
@@ -70,6 +71,11 @@ class CocoDataset(torch.utils.data.Dataset):
     The target holds ``boxes`` (N,4) float32 XYXY absolute pixels of the returned image, ``labels`` (N,) int64 in
     1..K, ``masks`` (N,H,W) uint8 in {0,1}, ``image_id`` int, ``orig_size`` (H0, W0) of the file and ``file_name``.
     Crowd annotations are never targets. Degenerate boxes and polygons are dropped with one summary warning.
+
+    With ``keypoints`` the target also holds ``keypoints`` (N, K, 3) float32 [x, y, visibility] in pixels of the
+    returned image (visibility 0 = not labelled, 1 = labelled but hidden, 2 = visible; instances without keypoints
+    are all zeros), and the dataset exposes ``keypoint_names`` and ``skeleton`` (0-based index pairs) from its
+    categories. With ``masks=False`` no segmentation is needed or decoded and targets have no ``masks``.
     """
 
     def __init__(
@@ -82,6 +88,10 @@ class CocoDataset(torch.utils.data.Dataset):
         *,
         min_box_size: float = 1e-3,
         seed: int = 0,
+        keypoints: bool = False,
+        masks: bool = True,
+        min_keypoints_per_image: int = 0,
+        keypoint_offset: float = 0.0,
     ) -> None:
         """Parse ``ann_file``; ``category_ids`` (default: all, sorted) fixes label i -> category_ids[i-1].
 
@@ -89,6 +99,10 @@ class CocoDataset(torch.utils.data.Dataset):
 
         min_box_size: boxes whose width or height after clipping to the image is at most this many pixels are
         dropped. seed: seeds the per-sample generator of ``dataset[i]`` (the loaders pass their own instead).
+        keypoints: read each annotation's ``keypoints``; images whose instances have fewer than
+        ``min_keypoints_per_image`` visible keypoints in all are left out (detectron2's MIN_KEYPOINTS_PER_IMAGE);
+        ``keypoint_offset`` is added to x and y (0.5 makes COCO's integer pixel indices continuous coordinates, as
+        detectron2 does). masks: read the segmentations (False: boxes, labels and keypoints only).
         """
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
@@ -96,6 +110,9 @@ class CocoDataset(torch.utils.data.Dataset):
         self.filter_empty = filter_empty
         self.min_box_size = float(min_box_size)
         self.seed = int(seed)
+        self.keypoints = bool(keypoints)
+        self.masks = bool(masks)
+        self.keypoint_offset = float(keypoint_offset)
         self._data = load_coco_json(self.ann_file)
         self._coco: Any = None
 
@@ -113,9 +130,14 @@ class CocoDataset(torch.utils.data.Dataset):
         self.category_ids: list[int] = ids
         self.class_names: list[str] = [str(cats[c]["name"]) for c in ids]
         self._cat_to_label = {c: i + 1 for i, c in enumerate(ids)}
+        self.keypoint_names: tuple[str, ...] = ()
+        self.skeleton: tuple[tuple[int, int], ...] = ()
+        if self.keypoints:
+            self.keypoint_names, self.skeleton = self._keypoint_definition([cats[c] for c in ids])
 
         images = {int(im["id"]): im for im in self._data["images"]}
         per_image: dict[int, list[tuple[np.ndarray, int, Any]]] = {i: [] for i in images}
+        per_image_kps: dict[int, list[np.ndarray]] = {i: [] for i in images}
         dropped: Counter[str] = Counter()
         for ann in self._data["annotations"]:
             ann_id, img_id, cat_id = ann["id"], int(ann["image_id"]), int(ann["category_id"])
@@ -135,6 +157,8 @@ class CocoDataset(torch.utils.data.Dataset):
             if entry is None:
                 continue
             box, segm = entry
+            if self.keypoints:
+                per_image_kps[img_id].append(self._read_keypoints(ann))
             per_image[img_id].append((box, self._cat_to_label[cat_id], segm))
         if dropped:
             details = "; ".join(f"{n} {why}" for why, n in sorted(dropped.items()))
@@ -144,8 +168,62 @@ class CocoDataset(torch.utils.data.Dataset):
         self._images: list[dict[str, Any]] = [
             im for im in self._data["images"] if not filter_empty or per_image[int(im["id"])]
         ]
+        if self.keypoints and min_keypoints_per_image > 0:
+            def visible(image_id: int) -> int:
+                return sum(int((k[:, 2] > 0).sum()) for k in per_image_kps[image_id])
+
+            kept = [im for im in self._images if visible(int(im["id"])) >= min_keypoints_per_image]
+            if len(kept) < len(self._images):
+                self.dropped[f"images with fewer than {min_keypoints_per_image} visible keypoints (skipped)"] = (
+                    len(self._images) - len(kept))
+            self._images = kept
         self._anns: list[list[tuple[np.ndarray, int, Any]]] = [per_image[int(im["id"])] for im in self._images]
+        self._kps: list[list[np.ndarray]] = [per_image_kps[int(im["id"])] for im in self._images]
         self.image_ids: list[int] = [int(im["id"]) for im in self._images]
+
+    def _keypoint_definition(self, categories: list[dict[str, Any]]
+                             ) -> tuple[tuple[str, ...], tuple[tuple[int, int], ...]]:
+        """Keypoint names and 0-based skeleton of the selected categories (all that define them must agree)."""
+        defined = [c for c in categories if c.get("keypoints")]
+        if not defined:
+            raise DatasetError(f"{self.ann_file}: no category defines 'keypoints' (a COCO person keypoints file, "
+                               f"person_keypoints_*.json, names them in its categories)")
+        names = defined[0]["keypoints"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise DatasetError(f"{self.ann_file}: category {defined[0]['id']} 'keypoints' must be a list of names")
+        other = next((c for c in defined if c["keypoints"] != names), None)
+        if other is not None:
+            raise DatasetError(f"{self.ann_file}: categories {defined[0]['id']} and {other['id']} define different "
+                               f"keypoints; select categories of one kind with category_ids")
+        skeleton = []
+        for pair in defined[0].get("skeleton") or []:
+            if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                    or not all(isinstance(i, int) and 1 <= i <= len(names) for i in pair)):
+                raise DatasetError(f"{self.ann_file}: category {defined[0]['id']} skeleton entry {pair!r} must be "
+                                   f"two keypoint numbers in 1..{len(names)} (COCO counts from 1)")
+            skeleton.append((pair[0] - 1, pair[1] - 1))
+        return tuple(names), tuple(skeleton)
+
+    def _read_keypoints(self, ann: dict[str, Any]) -> np.ndarray:
+        """(K, 3) float32 [x, y, visibility] of one annotation (zeros without keypoints), offset where labelled."""
+        k = len(self.keypoint_names)
+        raw = ann.get("keypoints")
+        if raw is None:
+            return np.zeros((k, 3), dtype=np.float32)
+        try:
+            kps = np.asarray(raw, dtype=np.float64)
+        except (TypeError, ValueError):
+            kps = np.zeros(0)
+        if kps.shape != (3 * k,) or not np.isfinite(kps).all():
+            raise DatasetError(f"{self.ann_file}: annotation id {ann['id']} 'keypoints' must be {3 * k} finite numbers "
+                               f"(x, y, visibility for each of the {k} keypoints), got {str(raw)[:120]}")
+        kps = kps.reshape(k, 3)
+        if not np.isin(kps[:, 2], (0, 1, 2)).all():
+            raise DatasetError(f"{self.ann_file}: annotation id {ann['id']}: keypoint visibility must be 0, 1 or 2")
+        labelled = kps[:, 2] > 0
+        kps[labelled, :2] += self.keypoint_offset
+        kps[~labelled, :2] = 0.0
+        return kps.astype(np.float32)
 
     def _check_annotation(self, ann: dict[str, Any], height: int, width: int, dropped: Counter[str]
                           ) -> tuple[np.ndarray, Any] | None:
@@ -165,6 +243,8 @@ class CocoDataset(torch.utils.data.Dataset):
             dropped[f"annotations with a degenerate box (width or height <= {self.min_box_size:g} px "
                     f"after clipping)"] += 1
             return None
+        if not self.masks:
+            return box, None
         segm = ann.get("segmentation")
         if isinstance(segm, list):
             polys = [p for p in segm if isinstance(p, (list, tuple)) and len(p) >= _MIN_POLYGON_NUMBERS]
@@ -250,17 +330,22 @@ class CocoDataset(torch.utils.data.Dataset):
                                f"says {info['width']}x{info['height']}; the masks would not line up")
         image = torch.from_numpy(array).permute(2, 0, 1).contiguous()
         anns = self._anns[index]
-        masks = np.zeros((len(anns), height, width), dtype=np.uint8)
-        for k, (_, _, segm) in enumerate(anns):
-            masks[k] = segmentation_to_bitmap(segm, height, width)
         target: dict[str, Any] = {
             "boxes": torch.from_numpy(np.stack([a[0] for a in anns])) if anns else torch.zeros((0, 4)),
             "labels": torch.tensor([a[1] for a in anns], dtype=torch.int64),
-            "masks": torch.from_numpy(masks),
             "image_id": int(info["id"]),
             "orig_size": (height, width),
             "file_name": str(info["file_name"]),
         }
+        if self.masks:
+            masks = np.zeros((len(anns), height, width), dtype=np.uint8)
+            for k, (_, _, segm) in enumerate(anns):
+                masks[k] = segmentation_to_bitmap(segm, height, width)
+            target["masks"] = torch.from_numpy(masks)
+        if self.keypoints:
+            kps = self._kps[index]
+            target["keypoints"] = (torch.from_numpy(np.stack(kps)) if kps
+                                   else torch.zeros((0, len(self.keypoint_names), 3)))
         if self.transforms is not None:
             image, target = self.transforms(image, target, generator)
         return image, target

@@ -1,8 +1,9 @@
 """Training/test transforms on ``(image (3,H,W), target)`` pairs with all randomness from an explicit generator.
 
 Every transform is a callable ``(image, target, generator) -> (image, target)``. ``target`` holds ``boxes`` (N,4)
-float32 XYXY in absolute pixels of the image it goes with, ``labels`` (N,), ``masks`` (N,H,W) uint8 and metadata
-that the transforms pass through unchanged. ``generator`` is a ``torch.Generator`` (seeded per sample by the
+float32 XYXY in absolute pixels of the image it goes with, ``labels`` (N,), ``masks`` (N,H,W) uint8, optionally
+``keypoints`` (N,K,3) float32 [x, y, visibility] in the same pixels, and metadata that the transforms pass through
+unchanged. ``generator`` is a ``torch.Generator`` (seeded per sample by the
 loader) or None for torch's global generator.
 """
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from maskrcnn.ops.resize import resized_size
-from maskrcnn.config import Config
+from maskrcnn.config import Config, ConfigError
 
 Target = dict[str, Any]
 
@@ -54,13 +55,43 @@ def _resize_target(target: Target, old: tuple[int, int], new: tuple[int, int]) -
         target["boxes"] = target["boxes"] * torch.stack([ratio_w, ratio_h, ratio_w, ratio_h])
     if "masks" in target:
         target["masks"] = _resize_masks(target["masks"], new)
+    if "keypoints" in target:
+        kps = target["keypoints"].clone()
+        kps[..., 0] *= ratio_w
+        kps[..., 1] *= ratio_h
+        target["keypoints"] = kps
     return target
+
+
+def keypoint_flip_indices(names: Sequence[str], flip_map: Sequence[Sequence[str]] = ()) -> list[int]:
+    """Index of each keypoint's mirror image under a horizontal flip (itself when it has none).
+
+    ``flip_map`` pairs names explicitly; without it every name containing "left" pairs with the same name
+    spelled "right" (COCO's ``left_eye`` / ``right_eye``), and names without a twin map to themselves.
+    """
+    index = {n: i for i, n in enumerate(names)}
+    out = list(range(len(names)))
+    pairs: list[tuple[str, str]] = []
+    if flip_map:
+        for pair in flip_map:
+            a, b = pair
+            missing = [n for n in (a, b) if n not in index]
+            if missing:
+                raise ConfigError(f"model.keypoint_head.flip_map names {missing}, which are not keypoint names "
+                                  f"({', '.join(names) or 'none'})")
+            pairs.append((a, b))
+    else:
+        pairs = [(n, n.replace("left", "right")) for n in names
+                 if "left" in n and n.replace("left", "right") in index]
+    for a, b in pairs:
+        out[index[a]], out[index[b]] = index[b], index[a]
+    return out
 
 
 def _select(target: Target, keep: torch.Tensor) -> Target:
     """Keep instances where ``keep`` (N,) bool is true in every per-instance field."""
     target = dict(target)
-    for key in ("boxes", "labels", "masks"):
+    for key in ("boxes", "labels", "masks", "keypoints"):
         if key in target:
             target[key] = target[key][keep]
     return target
@@ -121,11 +152,17 @@ class ResizeShortestEdge:
 
 
 class RandomHorizontalFlip:
-    """Mirror image, masks and boxes (x1' = W - x2, x2' = W - x1) with probability ``prob``."""
+    """Mirror image, masks and boxes (x1' = W - x2, x2' = W - x1) with probability ``prob``.
 
-    def __init__(self, prob: float = 0.5) -> None:
-        """prob: flip probability in [0, 1]."""
+    Keypoints get x' = W - x and trade places with their mirror twins (``flip_indices``, see
+    :func:`keypoint_flip_indices`): a left wrist becomes the right wrist of the flipped image. Unlabelled ones stay
+    (0, 0, 0).
+    """
+
+    def __init__(self, prob: float = 0.5, flip_indices: Sequence[int] | None = None) -> None:
+        """prob: flip probability in [0, 1]; flip_indices: keypoint k's twin (None: each keypoint is its own)."""
         self.prob = float(prob)
+        self.flip_indices = None if flip_indices is None else [int(i) for i in flip_indices]
 
     def __call__(self, image: torch.Tensor, target: Target, generator: torch.Generator | None = None
                  ) -> tuple[torch.Tensor, Target]:
@@ -140,6 +177,16 @@ class RandomHorizontalFlip:
             target["boxes"] = torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], dim=1)
         if "masks" in target:
             target["masks"] = target["masks"].flip(-1)
+        if "keypoints" in target:
+            kps = target["keypoints"].clone()
+            kps[..., 0] = width - kps[..., 0]
+            if self.flip_indices is not None:
+                if len(self.flip_indices) != kps.shape[1]:
+                    raise ValueError(f"RandomHorizontalFlip: {len(self.flip_indices)} flip indices for "
+                                     f"{kps.shape[1]} keypoints")
+                kps = kps[:, self.flip_indices]
+            kps[kps[..., 2] == 0] = 0.0
+            target["keypoints"] = kps
         return image.flip(-1), target
 
     def __repr__(self) -> str:
@@ -188,6 +235,14 @@ class LargeScaleJitter:
             b[:, 1::2] = b[:, 1::2].clamp(0, h)
             target["boxes"] = b
             keep = ((b[:, 2] - b[:, 0]) > self.min_box_size) & ((b[:, 3] - b[:, 1]) > self.min_box_size)
+        if "keypoints" in target:
+            kps = target["keypoints"].clone()
+            kps[..., 0] -= x0
+            kps[..., 1] -= y0
+            # A keypoint cut off by the crop is no longer labelled (detectron2's rule: inside [0, W] x [0, H]).
+            outside = (kps[..., 0] < 0) | (kps[..., 1] < 0) | (kps[..., 0] > w) | (kps[..., 1] > h)
+            kps[outside | (kps[..., 2] == 0)] = 0.0
+            target["keypoints"] = kps
         if "masks" in target:
             m = target["masks"][:, y0:y0 + h, x0:x0 + w]
             target["masks"] = m
@@ -216,7 +271,9 @@ def build_transforms(cfg: Config, train: bool, resize: bool = True) -> Compose:
             else:
                 ts.append(ResizeShortestEdge(inp.min_size_train, inp.max_size_train, mode=inp.resize_mode))
         if inp.flip_prob > 0:
-            ts.append(RandomHorizontalFlip(inp.flip_prob))
+            kh = cfg.model.keypoint_head
+            flips = keypoint_flip_indices(kh.names, kh.flip_map) if kh.enabled and kh.names else None
+            ts.append(RandomHorizontalFlip(inp.flip_prob, flips))
     elif resize:
         ts.append(ResizeShortestEdge((inp.min_size_test,), inp.max_size_test, mode=inp.resize_mode))
     return Compose(ts)

@@ -27,6 +27,8 @@ from maskrcnn.structures import Result, results_to_coco
 
 __all__ = [
     "METRIC_NAMES",
+    "KEYPOINT_METRIC_NAMES",
+    "iou_types_for",
     "results_to_coco",
     "CocoResultWriter",
     "evaluate_coco",
@@ -38,6 +40,20 @@ __all__ = [
 
 # The first six numbers of COCOeval.stats, in order.
 METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# The first five of COCOeval.stats for keypoints (OKS): COCO's keypoint AP has no small-object bucket.
+KEYPOINT_METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APm", "APl")
+IOU_TYPES: tuple[str, ...] = ("bbox", "segm", "keypoints")
+
+
+def iou_types_for(model_cfg: Any) -> tuple[str, ...]:
+    """The COCO metrics a model config can be scored on: bbox, plus segm with a mask head, keypoints with a
+    keypoint head."""
+    types = ["bbox"]
+    if model_cfg.mask_head.enabled:
+        types.append("segm")
+    if model_cfg.keypoint_head.enabled:
+        types.append("keypoints")
+    return tuple(types)
 
 
 
@@ -143,14 +159,17 @@ def evaluate_coco(
     image_ids: Sequence[int] | None = None,
     category_ids: Sequence[int] | None = None,
     verbose: bool = False,
+    kpt_oks_sigmas: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """COCO AP of ``results`` (records or a results JSON path) against ``coco_gt``; fractions in [0, 1].
 
-    Returns ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl"}, "per_class": {iou_type: {name: AP}}}``.
-    Undefined metrics (pycocotools' -1) are nan. An empty result list scores 0.0 wherever the ground truth has
-    objects. "segm" is skipped when no record has a ``segmentation``. ``image_ids`` restricts evaluation to those
-    images (needed when only a subset was predicted, or the others would count as misses); ``category_ids`` to
-    those categories (a model trained on a subset of classes).
+    Returns ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl"}, "per_class": {iou_type: {name: AP}}}``
+    ("keypoints", the OKS AP, has no "APs"). Undefined metrics (pycocotools' -1) are nan. An empty result list
+    scores 0.0 wherever the ground truth has objects. "segm" is skipped when no record has a ``segmentation``,
+    "keypoints" when no record has ``keypoints``. ``image_ids`` restricts evaluation to those images (needed when
+    only a subset was predicted, or the others would count as misses); ``category_ids`` to those categories (a
+    model trained on a subset of classes). ``kpt_oks_sigmas`` (one per keypoint) replace pycocotools' COCO person
+    sigmas, which fit 17 keypoints only.
     """
     if isinstance(results, (str, Path)):
         with open(results) as f:
@@ -165,11 +184,15 @@ def evaluate_coco(
     metrics: dict[str, Any] = {}
     per_class: dict[str, dict[str, float]] = {}
     for iou_type in iou_types:
-        if iou_type not in ("bbox", "segm"):
-            raise ValueError(f"unsupported iou type {iou_type!r} (bbox or segm)")
+        if iou_type not in IOU_TYPES:
+            raise ValueError(f"unsupported iou type {iou_type!r} ({', '.join(IOU_TYPES)})")
         if iou_type == "segm" and results and not all("segmentation" in r for r in results):
             # loadRes would fill in box-shaped polygons and report box AP as mask AP.
             continue
+        if iou_type == "keypoints":
+            if results and not all("keypoints" in r for r in results):
+                continue
+            sigmas = _oks_sigmas(coco_gt, cat_ids, kpt_oks_sigmas)
         dets = []
         for r in results:
             d = dict(r)  # loadRes writes area/id/iscrowd into the records: keep the caller's intact
@@ -181,16 +204,37 @@ def evaluate_coco(
         with _quiet(verbose):
             coco_dt = coco_gt.loadRes(dets) if dets else _empty_detections(coco_gt)
             ev = COCOeval(coco_gt, coco_dt, iou_type)
+            if iou_type == "keypoints" and sigmas is not None:
+                ev.params.kpt_oks_sigmas = sigmas
             if image_ids is not None:
                 ev.params.imgIds = sorted(int(i) for i in image_ids)
             ev.params.catIds = list(cat_ids)
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
-        metrics[iou_type] = {k: _nan_if_undefined(v) for k, v in zip(METRIC_NAMES, ev.stats[:6])}
+        names = KEYPOINT_METRIC_NAMES if iou_type == "keypoints" else METRIC_NAMES
+        metrics[iou_type] = {k: _nan_if_undefined(v) for k, v in zip(names, ev.stats[:len(names)])}
         per_class[iou_type] = _per_class_ap(ev, cat_ids, names)
     metrics["per_class"] = per_class
     return metrics
+
+
+def _oks_sigmas(coco_gt: COCO, cat_ids: Sequence[int], sigmas: Sequence[float] | None) -> np.ndarray | None:
+    """The OKS sigmas to score keypoints with (None: pycocotools' own); a clear error when they cannot fit."""
+    anns = [a for a in coco_gt.dataset.get("annotations", []) if int(a["category_id"]) in set(cat_ids)]
+    with_kps = [a for a in anns if a.get("keypoints")]
+    if not with_kps:
+        raise ValueError("keypoint AP needs ground truth with 'keypoints' (a COCO person_keypoints_*.json file); "
+                         "this annotation file has none")
+    k = len(with_kps[0]["keypoints"]) // 3
+    if sigmas:
+        if len(sigmas) != k:
+            raise ValueError(f"{len(sigmas)} OKS sigmas (model.keypoint_head.oks_sigmas) for {k} keypoints")
+        return np.asarray(sigmas, dtype=np.float64)
+    if k != 17:
+        raise ValueError(f"the ground truth has {k} keypoints per instance; pycocotools' OKS sigmas are COCO's 17 "
+                         f"person keypoints': set model.keypoint_head.oks_sigmas (one per keypoint)")
+    return None
 
 
 def _per_class_ap(ev: COCOeval, cat_ids: Sequence[int], names: Sequence[str]) -> dict[str, float]:
@@ -227,7 +271,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: Sequence[
 def format_metrics_table(metrics: Mapping[str, Any]) -> str:
     """Text table of AP, AP50, AP75, APs, APm, APl (percent, one decimal; "-" = undefined) for each IoU type."""
     rows = [[t, *(_pct(metrics[t].get(k)) for k in METRIC_NAMES)]
-            for t in ("bbox", "segm") if isinstance(metrics.get(t), Mapping)]
+            for t in IOU_TYPES if isinstance(metrics.get(t), Mapping)]
     return _table(["type", *METRIC_NAMES], rows)
 
 
@@ -237,7 +281,7 @@ def format_per_class_table(metrics: Mapping[str, Any], columns: int = 2) -> str:
     ``metrics`` is ``evaluate_coco``'s output (its "per_class" entry is used) or that entry itself.
     """
     per_class = metrics.get("per_class", metrics)
-    types = [t for t in ("bbox", "segm") if t in per_class]
+    types = [t for t in IOU_TYPES if t in per_class]
     if not types:
         return ""
     names = list(per_class[types[0]].keys())
@@ -315,8 +359,12 @@ class Evaluator:
         out_dir: str | Path | None = None,
         verbose: bool = False,
         distributed: bool = True,
+        kpt_oks_sigmas: Sequence[float] | None = None,
     ) -> None:
-        """Evaluate on ``image_ids`` (default: all of ``coco_gt``) read from ``image_dir``/file_name."""
+        """Evaluate on ``image_ids`` (default: all of ``coco_gt``) read from ``image_dir``/file_name.
+
+        ``iou_types`` may add "keypoints" (OKS AP, with ``kpt_oks_sigmas`` or COCO's person sigmas).
+        """
         self.coco_gt = coco_gt
         self.image_dir = Path(image_dir)
         self.image_ids = [int(i) for i in (image_ids if image_ids is not None else sorted(coco_gt.getImgIds()))]
@@ -329,6 +377,7 @@ class Evaluator:
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.verbose = verbose
         self.distributed = distributed
+        self.kpt_oks_sigmas = None if not kpt_oks_sigmas else [float(x) for x in kpt_oks_sigmas]
 
     @classmethod
     def from_dataset(cls, dataset: Any, **kwargs: Any) -> Evaluator:
@@ -422,7 +471,8 @@ class Evaluator:
             return payload
         try:
             metrics = evaluate_coco(self.coco_gt, writer.records, self.iou_types, self.class_names,
-                                    image_ids=self.image_ids, category_ids=self.category_ids, verbose=self.verbose)
+                                    image_ids=self.image_ids, category_ids=self.category_ids, verbose=self.verbose,
+                                    kpt_oks_sigmas=self.kpt_oks_sigmas)
         except Exception as e:
             if world > 1:
                 du.broadcast_object(("error", f"{type(e).__name__}: {e}"))

@@ -16,15 +16,29 @@ from typing import Any
 
 logger = logging.getLogger("maskrcnn.engine.runs")
 
-__all__ = ["apply_model_overrides", "evaluate_run", "flat_metrics", "init_from", "label_category_ids", "train_run",
-           "with_dataset_classes"]
+__all__ = ["apply_model_overrides", "dataset_options", "evaluate_run", "flat_metrics", "init_from",
+           "label_category_ids", "train_run", "with_dataset_classes"]
 
 
 def with_dataset_classes(cfg: Any, dataset: Any) -> Any:
-    """``cfg`` with model.num_classes / class_names / category_ids taken from ``dataset``."""
+    """``cfg`` with model.num_classes / class_names / category_ids taken from ``dataset``, and with a keypoint head
+    its keypoint count, names and skeleton."""
     model = dataclasses.replace(cfg.model, num_classes=dataset.num_classes, class_names=tuple(dataset.class_names),
                                 category_ids=tuple(int(c) for c in dataset.category_ids))
+    kh = model.keypoint_head
+    names = tuple(getattr(dataset, "keypoint_names", ()) or ())
+    if kh.enabled and names:
+        kh = dataclasses.replace(kh, num_keypoints=len(names), names=names, skeleton=tuple(dataset.skeleton))
+        model = dataclasses.replace(model, keypoint_head=kh)
     return dataclasses.replace(cfg, model=model)
+
+
+def dataset_options(cfg: Any) -> dict[str, Any]:
+    """The :class:`~maskrcnn.data.CocoDataset` options a model config needs: keypoints, masks and their rules."""
+    kh = cfg.model.keypoint_head
+    return {"keypoints": kh.enabled, "masks": cfg.model.mask_head.enabled,
+            "min_keypoints_per_image": kh.min_keypoints_per_image if kh.enabled else 0,
+            "keypoint_offset": kh.coco_offset}
 
 
 def init_from(model: Any, source: str) -> None:
@@ -68,7 +82,7 @@ def init_from(model: Any, source: str) -> None:
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float | None]:
     """{"bbox": {"AP": x}} -> {"bbox_AP": x}; nan -> None so metrics.jsonl stays strict JSON."""
     out: dict[str, float | None] = {}
-    for t in ("bbox", "segm"):
+    for t in ("bbox", "segm", "keypoints"):
         for k, v in (metrics.get(t) or {}).items():
             out[f"{t}_{k}"] = None if isinstance(v, float) and math.isnan(v) else v
     return out
@@ -84,7 +98,7 @@ def train_run(cfg: Any, data: str | Path, images: str | Path, out_dir: str | Pat
     """
     from maskrcnn.data import CocoDataset, build_transforms  # noqa: PLC0415
     from maskrcnn.data.coco import DatasetError  # noqa: PLC0415
-    from maskrcnn.engine.evaluator import Evaluator  # noqa: PLC0415
+    from maskrcnn.engine.evaluator import Evaluator, iou_types_for  # noqa: PLC0415
     from maskrcnn.engine.trainer import Trainer  # noqa: PLC0415
     from maskrcnn.modeling.mask_rcnn import MaskRCNN  # noqa: PLC0415
 
@@ -93,11 +107,13 @@ def train_run(cfg: Any, data: str | Path, images: str | Path, out_dir: str | Pat
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{path}: {what} not found")
     out_dir = Path(out_dir)
-    train_ds = CocoDataset(data, images, transforms=build_transforms(cfg, train=True),
-                           filter_empty=cfg.train.filter_empty, seed=cfg.train.seed)
+    train_ds = CocoDataset(data, images, filter_empty=cfg.train.filter_empty, seed=cfg.train.seed,
+                           **dataset_options(cfg))
     if len(train_ds) == 0:
         raise DatasetError(f"{data}: no training images with usable annotations")
     cfg = with_dataset_classes(cfg, train_ds)
+    # After the classes: a keypoint flip needs the dataset's keypoint names.
+    train_ds.transforms = build_transforms(cfg, train=True)
     model = MaskRCNN(cfg)
     if init_weights is not None:
         init_from(model, init_weights)
@@ -106,11 +122,14 @@ def train_run(cfg: Any, data: str | Path, images: str | Path, out_dir: str | Pat
     last: dict[str, Any] = {}
     if val_data is not None:
         # The validation labels must mean what the training labels mean.
-        val_ds = CocoDataset(val_data, val_images or images, filter_empty=False, category_ids=train_ds.category_ids)
+        val_ds = CocoDataset(val_data, val_images or images, filter_empty=False, category_ids=train_ds.category_ids,
+                             masks=cfg.model.mask_head.enabled)
 
         def eval_fn(m: Any, iteration: int) -> dict[str, Any]:
             """COCO AP on the validation set, flattened for metrics.jsonl; also writes out_dir/eval/."""
-            ev = Evaluator.from_dataset(val_ds, progress=False, out_dir=out_dir / "eval")
+            ev = Evaluator.from_dataset(val_ds, progress=False, out_dir=out_dir / "eval",
+                                        iou_types=iou_types_for(cfg.model),
+                                        kpt_oks_sigmas=cfg.model.keypoint_head.oks_sigmas)
             last["metrics"] = ev.evaluate(m)
             return flat_metrics(last["metrics"])
 
@@ -162,14 +181,16 @@ def evaluate_run(model: Any, data: str | Path, images: str | Path, out_dir: str 
     ``progress`` None shows a bar only when stderr is a terminal.
     """
     from maskrcnn.data import CocoDataset  # noqa: PLC0415
-    from maskrcnn.engine.evaluator import Evaluator  # noqa: PLC0415
+    from maskrcnn.engine.evaluator import Evaluator, iou_types_for  # noqa: PLC0415
 
     for path, what in ((data, "annotations"), (images, "image folder")):
         if not Path(path).exists():
             raise FileNotFoundError(f"{path}: {what} not found")
-    dataset = CocoDataset(data, images, filter_empty=False)
+    m = model.cfg.model
+    dataset = CocoDataset(data, images, filter_empty=False, masks=m.mask_head.enabled)
     if progress is None:
         progress = sys.stderr.isatty()  # a bar redrawn into a log file is noise
     ev = Evaluator.from_dataset(dataset, category_ids=label_category_ids(model, dataset), batch_size=batch_size,
-                                progress=progress, out_dir=out_dir)
+                                progress=progress, out_dir=out_dir, iou_types=iou_types_for(m),
+                                kpt_oks_sigmas=m.keypoint_head.oks_sigmas)
     return ev.evaluate(model)
