@@ -148,7 +148,8 @@ def test_detectron2_normaliser_divides_by_a_full_quota() -> None:
     for visible in (True, False):
         torch.manual_seed(0)
         model = MaskRCNN(apply_overrides(cfg, {"model.keypoint_head.normalize_by_visible": visible})).train()
-        runs[visible] = float(model([image], [target], generator=torch.Generator().manual_seed(0))["loss_keypoint"].detach())
+        losses = model([image], [target], generator=torch.Generator().manual_seed(0))
+        runs[visible] = float(losses["loss_keypoint"].detach())
     bh = cfg.model.box_head
     quota = bh.batch_size_per_image * bh.positive_fraction * cfg.model.keypoint_head.num_keypoints
     # Same sampled RoIs in both runs: the ratio of the losses is quota / number of valid keypoints, an integer.

@@ -566,10 +566,9 @@ def cmd_weights_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
-    header = ["name", "format", "classes", "box AP", "mask AP", "check", "cached", "description"]
+    header = ["name", "format", "classes", "box AP", "mask AP", "kp AP", "check", "cached", "description"]
     table = [[r["name"], r["format"], str(r["num_classes"]),
-              "-" if r["box_ap"] is None else f"{r['box_ap']:.1f}",
-              "-" if r["mask_ap"] is None else f"{r['mask_ap']:.1f}",
+              *("-" if r.get(k) is None else f"{r[k]:.1f}" for k in ("box_ap", "mask_ap", "keypoint_ap")),
               r["check"].split(" (")[0], "yes" if r["cached"] else "no", r["description"]] for r in rows]
     print(_text_table(header, table))
     print(f"\ncache: {zoo.weights_dir()}")
