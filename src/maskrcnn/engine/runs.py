@@ -85,7 +85,7 @@ def train_run(cfg: Any, data: str | Path, images: str | Path, out_dir: str | Pat
     from maskrcnn.data import CocoDataset, build_transforms  # noqa: PLC0415
     from maskrcnn.data.coco import DatasetError  # noqa: PLC0415
     from maskrcnn.engine.evaluator import Evaluator  # noqa: PLC0415
-    from maskrcnn.engine.trainer import Trainer  # noqa: PLC0415
+    from maskrcnn.engine.trainer import Trainer, seed_all  # noqa: PLC0415
     from maskrcnn.modeling.mask_rcnn import MaskRCNN  # noqa: PLC0415
 
     for path, what in ((data, "training annotations"), (images, "training image folder"),
@@ -98,6 +98,9 @@ def train_run(cfg: Any, data: str | Path, images: str | Path, out_dir: str | Pat
     if len(train_ds) == 0:
         raise DatasetError(f"{data}: no training images with usable annotations")
     cfg = with_dataset_classes(cfg, train_ds)
+    # The initial weights are drawn from the global RNG: seeded here, the same seed gives the same run. Every
+    # rank draws the same weights (DDP would broadcast rank 0's anyway).
+    seed_all(cfg.train.seed)
     model = MaskRCNN(cfg)
     if init_weights is not None:
         init_from(model, init_weights)
