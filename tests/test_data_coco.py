@@ -255,3 +255,28 @@ def test_bad_images(tmp_path, case):
     with pytest.raises((ImageReadError, DatasetError)) as info:
         ds[0]
     assert str(tmp_path / "img.png") in str(info.value)
+
+
+def test_non_finite_and_absurd_polygons_dropped_with_a_counted_warning(tmp_path):
+    nan, inf = float("nan"), float("inf")
+    anns = [
+        GOOD,
+        _poly_ann(2, 1, [1, 1, nan, 1, 5, 5], bbox=[1, 1, 4, 4]),  # NaN: the whole instance goes
+        _poly_ann(3, 1, [1, 1, inf, 1, 5, 5], bbox=[1, 1, 4, 4]),  # infinite
+        _poly_ann(4, 1, [1, 1, 5e9, 1, 5, 5], bbox=[1, 1, 4, 4]),  # far outside a 16x12 image
+        {**_poly_ann(5, 1, [1, 1, 5, 1, 5, 5], bbox=[1, 1, 4, 4]),
+         "segmentation": [[1, 1, 5, 1, 5, 5], [1, nan, 4, 4, 5, 5]]},  # one good part: kept without the bad one
+        _poly_ann(6, 1, [-3, 1, W + 3, 1, 5, H + 2], bbox=[0, 1, W, H - 1]),  # a little outside: clipped, kept
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = CocoDataset(_write_dataset(tmp_path, anns), tmp_path)
+    assert len(caught) == 1
+    msg = str(caught[0].message)
+    assert "NaN or infinite" in msg and "absurd" in msg
+    assert ds.dropped["annotations whose polygons are all unusable (polygon parts with NaN or infinite "
+                      "coordinates)"] == 2
+    assert sum(n for why, n in ds.dropped.items() if "absurd" in why) == 1
+    assert ds.dropped["polygon parts with NaN or infinite coordinates (instance kept)"] == 1
+    _, t = ds[0]
+    assert len(t["labels"]) == 3 and int(t["masks"].sum()) > 0

@@ -57,3 +57,76 @@ def test_same_seed_same_run_across_processes(shapes: Path, tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr
     c = _weights(run)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def _tiny_cfg(*overrides: str):
+    from maskrcnn.config import apply_overrides, get_preset
+
+    return apply_overrides(get_preset("r18_fpn_demo"), [o for o in TINY if "=" in o] + list(overrides))
+
+
+@pytest.fixture()
+def corrupt_shapes(tmp_path: Path) -> tuple[Path, str]:
+    """A 4-image shapes dataset whose second image is a truncated PNG; returns (folder, that file_name)."""
+    import json
+
+    out = tmp_path / "data"
+    generate_shapes(out, 4, seed=3, image_size=(64, 64))
+    name = json.loads((out / "annotations.json").read_text())["images"][1]["file_name"]
+    data = (out / name).read_bytes()
+    (out / name).write_bytes(data[: len(data) // 3])
+    return out, name
+
+
+def _final_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_corrupt_image_is_skipped_listed_and_resume_stays_exact(corrupt_shapes, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """A truncated training image is replaced, logged and listed; a run killed after a checkpoint and resumed
+    ends bit-identical to the uninterrupted one."""
+    import maskrcnn.engine.trainer as trainer_mod
+    from maskrcnn.engine.runs import train_run
+
+    data, bad = corrupt_shapes
+    torch.set_num_threads(1)
+    # Two epochs of 4 batches, a checkpoint between them: the bad image comes up before and after the kill.
+    cfg = _tiny_cfg("solver.max_iter=8", "train.checkpoint_period=4", "train.max_bad_image_fraction=0.5",
+                    "train.aspect_ratio_grouping=false")
+    with caplog.at_level("WARNING", logger="maskrcnn"):
+        whole, _ = train_run(cfg, data / "annotations.json", data, tmp_path / "whole")
+    assert any(bad in r.getMessage() and "skipped training image" in r.getMessage() for r in caplog.records)
+    listed = (tmp_path / "whole" / "skipped_images.txt").read_text().splitlines()
+    assert [ln.split("\t")[0] for ln in listed if not ln.startswith("#")] == [bad]
+    assert (tmp_path / "whole" / "model_final" / "model.safetensors").is_file()
+
+    calls = {"n": 0}
+    real = trainer_mod._to_device
+
+    def killed_at_iteration_6(batch, device):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt  # as a kill after the checkpoint of iteration 4
+        return real(batch, device)
+
+    monkeypatch.setattr(trainer_mod, "_to_device", killed_at_iteration_6)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, data / "annotations.json", data, tmp_path / "resumed")
+    monkeypatch.setattr(trainer_mod, "_to_device", real)
+    resumed, _ = train_run(cfg, data / "annotations.json", data, tmp_path / "resumed", resume=True)
+    a, b = _final_state(whole), _final_state(resumed)
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
+    assert (tmp_path / "resumed" / "skipped_images.txt").read_text() == "\n".join(listed) + "\n"
+
+
+def test_too_many_bad_images_stop_with_a_clear_error(corrupt_shapes, tmp_path: Path) -> None:
+    from maskrcnn.engine.runs import train_run
+    from maskrcnn.engine.trainer import TooManyBadImagesError
+
+    data, bad = corrupt_shapes
+    torch.set_num_threads(1)
+    cfg = _tiny_cfg("solver.max_iter=8", "train.aspect_ratio_grouping=false")  # default fraction: 1% of 4 images
+    with pytest.raises(TooManyBadImagesError, match=r"1 of the 4 training images .*max_bad_image_fraction=0.01"):
+        train_run(cfg, data / "annotations.json", data, tmp_path / "run")
+    assert bad in (tmp_path / "run" / "skipped_images.txt").read_text()

@@ -258,6 +258,9 @@ class TrainConfig:
     keep_last: int = 3
     log_period: int = 20
     eval_period: int = 0  # 0: evaluate only at the end (if eval data is given)
+    # Training stops when more than this fraction of the images cannot be read (each one is skipped, replaced by
+    # another image, logged and listed in skipped_images.txt); 0 stops at the first.
+    max_bad_image_fraction: float = 0.01
     tensorboard: bool = False
     device: str = "auto"
     # Longest wait, in seconds, for another rank in a collective (multi-process runs): a rank that died or hangs

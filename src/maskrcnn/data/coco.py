@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from maskrcnn.data.samplers import sample_generator
-from maskrcnn.io import read_image
+from maskrcnn.io import ImageReadError, read_image
 from maskrcnn.ops.masks import segmentation_to_bitmap
 
 # A transform takes (image (3,H,W) uint8, target dict, generator or None) and returns (image, target).
@@ -25,10 +25,42 @@ Transform = Callable[[torch.Tensor, dict[str, Any], "torch.Generator | None"], t
 
 # Fewer than this many numbers cannot describe a polygon (3 points of x, y).
 _MIN_POLYGON_NUMBERS = 6
+# A polygon vertex farther outside the image than this many image sizes is not a labelling slip (those are
+# clipped) but corrupt data, e.g. coordinates written in another unit or garbage bytes.
+ABSURD_COORDINATE_FACTOR = 1.0
 
 
 class DatasetError(ValueError):
     """An annotation file or entry that cannot be used; the message names the file and the entry."""
+
+
+class ImageSizeError(DatasetError):
+    """An image whose decoded size differs from the size its annotation file gives; the message names both."""
+
+
+# A training sample whose image raises one of these is skipped and replaced (data.loader.SeededSamples).
+BAD_IMAGE_ERRORS: tuple[type[Exception], ...] = (ImageReadError, ImageSizeError)
+
+
+def polygon_problem(poly: Any, height: int, width: int) -> str | None:
+    """Why a COCO polygon ``[x0, y0, x1, y1, ...]`` (pixels of an HxW image) is unusable, or None when it is fine.
+
+    Raises ValueError for a part that is not a flat list of numbers: a malformed file rather than bad values.
+    """
+    if not isinstance(poly, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly):
+        raise ValueError(f"a polygon must be a flat list of numbers, got {str(poly)[:80]}")
+    if len(poly) < _MIN_POLYGON_NUMBERS:
+        return "polygon parts with fewer than 3 points"
+    values = np.asarray(poly, dtype=np.float64)
+    if not np.isfinite(values).all():
+        return "polygon parts with NaN or infinite coordinates"
+    xs, ys = values[0:len(values) // 2 * 2:2], values[1:len(values) // 2 * 2:2]
+    fx, fy = ABSURD_COORDINATE_FACTOR * width, ABSURD_COORDINATE_FACTOR * height
+    if xs.min() < -fx or xs.max() > width + fx or ys.min() < -fy or ys.max() > height + fy:
+        return (f"polygon parts with absurd coordinates (more than {ABSURD_COORDINATE_FACTOR:g} image size "
+                f"outside the image)")
+    return None
 
 
 def load_coco_json(path: str | Path) -> dict[str, Any]:
@@ -167,13 +199,17 @@ class CocoDataset(torch.utils.data.Dataset):
             return None
         segm = ann.get("segmentation")
         if isinstance(segm, list):
-            polys = [p for p in segm if isinstance(p, (list, tuple)) and len(p) >= _MIN_POLYGON_NUMBERS]
+            problems = [polygon_problem(p, height, width) for p in segm]
+            polys = [p for p, why in zip(segm, problems) if why is None]
             if not polys:
-                dropped["annotations whose polygons all have fewer than 3 points"] += 1
+                worst = next((w for w in problems if w and "fewer" not in w), None)
+                dropped[f"annotations whose polygons are all unusable ({worst})" if worst else
+                        "annotations whose polygons all have fewer than 3 points"] += 1
                 return None
-            if len(polys) < len(segm):
-                # Such parts have no area; the instance keeps its other parts.
-                dropped["polygon parts with fewer than 3 points (instance kept)"] += len(segm) - len(polys)
+            for why in problems:
+                # Such parts have no area (or no meaning); the instance keeps its other parts.
+                if why is not None:
+                    dropped[f"{why} (instance kept)"] += 1
             segm = [[float(v) for v in p[: len(p) // 2 * 2]] for p in polys]
         elif isinstance(segm, dict):
             if "counts" not in segm or "size" not in segm:
@@ -246,7 +282,7 @@ class CocoDataset(torch.utils.data.Dataset):
         array = read_image(path)
         height, width = array.shape[:2]
         if (height, width) != (int(info["height"]), int(info["width"])):
-            raise DatasetError(f"{path}: image is {width}x{height} (after EXIF orientation) but {self.ann_file} "
+            raise ImageSizeError(f"{path}: image is {width}x{height} (after EXIF orientation) but {self.ann_file} "
                                f"says {info['width']}x{info['height']}; the masks would not line up")
         image = torch.from_numpy(array).permute(2, 0, 1).contiguous()
         anns = self._anns[index]

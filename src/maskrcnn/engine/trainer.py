@@ -16,6 +16,11 @@ image tensors and a list of target dicts (``boxes``, ``labels``, ``masks``, ``im
    describe the batches the trainer has *consumed* (beware of worker prefetch). Otherwise the trainer
    re-iterates it from the start and skips the first ``k`` batches. It is re-iterated when exhausted (epochs).
 
+A target may list, under ``"skipped_images"``, the images that the loader could not read and replaced by this
+sample (``[(file, reason), ...]``, as ``maskrcnn.data.SeededSamples`` does). The trainer logs each, lists them in
+``skipped_images.txt`` and stops with :class:`TooManyBadImagesError` once more than
+``train.max_bad_image_fraction`` of the images are unreadable.
+
 For a bit-identical resume, the content of the batch of iteration ``i`` (order *and* augmentation) must depend
 only on ``(seed, i)`` -- e.g. a per-iteration ``torch.Generator`` seeded from both -- and never on global RNG
 state or on worker seeds drawn when an iterator is created. The trainer restores the global torch / CUDA /
@@ -57,6 +62,7 @@ from maskrcnn.engine.schedule import WarmupLRFactor, build_lr_scheduler, build_o
 __all__ = [
     "NonFiniteLossError",
     "NonFiniteWeightsError",
+    "TooManyBadImagesError",
     "Trainer",
     "build_lr_scheduler",
     "build_optimizer",
@@ -70,6 +76,9 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "maskrcnn-train-checkpoint"
 CHECKPOINT_VERSION = 1
+
+SKIPPED_KEY = "skipped_images"  # the target key maskrcnn.data.loader.SKIPPED_KEY writes
+SKIPPED_FILE = "skipped_images.txt"
 
 Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
 EvalFn = Callable[[nn.Module, int], dict[str, Any]]
@@ -93,6 +102,10 @@ class NonFiniteLossError(FloatingPointError):
 
 class NonFiniteWeightsError(FloatingPointError):
     """Model weights hold NaN/inf at a checkpoint; the checkpoint is not written."""
+
+
+class TooManyBadImagesError(ValueError):
+    """More than ``train.max_bad_image_fraction`` of the training images could not be read."""
 
 
 def seed_all(seed: int) -> None:
@@ -147,6 +160,12 @@ class _DataStream:
         self._loader: Any = None
         self._it: Iterator[Any] | None = None
         self._warned = False
+        # Number of images the data covers (None when it cannot be told): the base of max_bad_image_fraction.
+        dataset = source if isinstance(source, torch.utils.data.Dataset) else getattr(source, "dataset", None)
+        try:
+            self.num_images: int | None = len(dataset) if dataset is not None else None
+        except TypeError:
+            self.num_images = None
         if isinstance(source, torch.utils.data.Dataset) and not isinstance(source, torch.utils.data.IterableDataset):
             try:
                 from maskrcnn.data import build_train_loader  # noqa: PLC0415 - only needed for datasets
@@ -241,6 +260,16 @@ def _maybe_sync_bn(model: nn.Module, cfg: Config, device: torch.device) -> nn.Mo
     # The FPN and head norms are converted too: asking for SyncBN means no BN layer should see only one
     # process's few images.
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def _merge_skipped(lists: Iterable[list[list[Any]]]) -> list[list[Any]]:
+    """[file, first iteration, reason] entries of several processes, one per file (its earliest), sorted."""
+    merged: dict[str, list[Any]] = {}
+    for entries in lists:
+        for f, i, r in entries:
+            if f not in merged or int(i) < int(merged[f][1]):
+                merged[f] = [f, int(i), r]
+    return [merged[f] for f in sorted(merged)]
 
 
 def _stream_seed(seed: int, rank: int, start_iter: int) -> int:
@@ -354,6 +383,10 @@ class Trainer:
         # Per-iteration values of this process's run: {"iter", "lr", "total_loss", <loss terms>}.
         self.history: list[dict[str, float]] = []
         self.last_eval: dict[str, Any] | None = None
+        # Training images this process could not read: file -> (first iteration, reason).
+        self.skipped: dict[str, tuple[int, str]] = {}
+        # Rank 0: every process's skipped images as of the last checkpoint ([file, iteration, reason] entries).
+        self._gathered_skips: list[list[Any]] = []
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -408,7 +441,8 @@ class Trainer:
     def save_checkpoint(self, iteration: int) -> Path | None:
         """Write the full training state after ``iteration`` completed iterations (path on rank 0, else None)."""
         self._check_weights_finite(iteration)
-        rank_states = du.all_gather_object({**self._rng_state(), "data": self._data.state(iteration)})
+        rank_states = du.all_gather_object({**self._rng_state(), "data": self._data.state(iteration),
+                                            "skipped": self._skipped_list()})
         path = None
         if self.is_main:
             state = {
@@ -423,6 +457,9 @@ class Trainer:
                 "rank_states": rank_states,
                 "config": self.cfg.to_dict(),
             }
+            self._gathered_skips = _merge_skipped(st.get("skipped") or [] for st in rank_states)
+            if self._gathered_skips:
+                self._write_skipped()
             path = self.checkpoints.save(iteration, state)
             logger.info("saved checkpoint %s", path)
         du.barrier()
@@ -503,6 +540,10 @@ class Trainer:
             if start_iter < self.max_iter:
                 self._data.start(start_iter, rank_state["data"] if rank_state else None)
             if rank_state is not None:
+                self.skipped = {f: (int(i), str(r)) for f, i, r in rank_state.get("skipped") or []}
+            if ckpt is not None and self.is_main:
+                self._gathered_skips = _merge_skipped(st.get("skipped") or [] for st in ckpt.get("rank_states") or [])
+            if rank_state is not None:
                 self._set_rng_state(rank_state)
             elif ckpt is None:
                 # A different stream per rank (proposal sampling, any global-RNG augmentation), the same streams
@@ -529,6 +570,9 @@ class Trainer:
                 tb.close()
         if self.is_main:
             plot_loss_curves(self.out_dir / "metrics.jsonl", self.out_dir / "loss_curves.png")
+            if self.skipped:
+                logger.warning("%d training image(s) could not be read and were replaced by others; they are "
+                               "listed in %s", len(self.skipped), self.out_dir / SKIPPED_FILE)
         return {
             "iteration": self.iteration,
             "losses": dict(self.history[-1]) if self.history else {},
@@ -549,6 +593,7 @@ class Trainer:
             it_num = i + 1  # 1-based: iterations completed once this one is done
             t0 = time.perf_counter()
             batch = self._data.next_batch(i)
+            self._note_skips(batch, it_num)
             images, targets = _to_device(batch, self.device)
             t_data = time.perf_counter() - t0
 
@@ -600,6 +645,44 @@ class Trainer:
             if self.eval_fn is not None and ((eval_period > 0 and it_num % eval_period == 0)
                                              or it_num == self.max_iter):
                 self._evaluate(it_num, tb)
+
+    def _skipped_list(self) -> list[list[Any]]:
+        return [[f, i, r] for f, (i, r) in sorted(self.skipped.items())]
+
+    def _write_skipped(self) -> None:
+        entries = _merge_skipped([self._skipped_list(), self._gathered_skips])
+        lines = ["# training images that could not be read and were replaced: file<TAB>first iteration<TAB>reason"]
+        lines += [f"{f}\t{i}\t{r}" for f, i, r in entries]
+        atomic_write_text(self.out_dir / SKIPPED_FILE, "\n".join(lines) + "\n")
+
+    def _note_skips(self, batch: Any, it_num: int) -> None:
+        """Log and record the images the loader replaced in this batch; stop when too many are unreadable."""
+        targets = batch[1] if isinstance(batch, (tuple, list)) and len(batch) == 2 else ()
+        new = 0
+        for t in targets:
+            for file, reason in (t.get(SKIPPED_KEY) or ()) if isinstance(t, dict) else ():
+                if file in self.skipped:
+                    continue  # seen in an earlier epoch: already logged and listed
+                self.skipped[str(file)] = (it_num, str(reason))
+                new += 1
+                logger.warning("iteration %d: skipped training image %s (%s); another image of the dataset took "
+                               "its place (%d unreadable so far)", it_num, file, reason, len(self.skipped))
+        if not new:
+            return
+        if self.is_main:
+            self._write_skipped()
+        frac = float(self.cfg.train.max_bad_image_fraction)
+        total = self._data.num_images
+        if total is None:
+            return
+        share = total / self.world_size  # the images this process trains on
+        if len(self.skipped) > frac * share:
+            where = self.out_dir / SKIPPED_FILE if self.is_main else f"rank {self.rank}'s log"
+            raise TooManyBadImagesError(
+                f"{len(self.skipped)} of the {share:g} training images of this process could not be read, more "
+                f"than train.max_bad_image_fraction={frac:g} allows; training stopped at iteration {it_num} "
+                f"(they are listed in {where}). Check the data with 'maskrcnn data check', fix or remove them, "
+                f"or raise train.max_bad_image_fraction, then continue with --resume")
 
     def _log(self, it_num: int, lr: float, window: dict[str, float], n: int, sec_per_iter: float, bar: Any,
              tb: Any) -> None:
