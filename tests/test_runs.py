@@ -130,3 +130,38 @@ def test_too_many_bad_images_stop_with_a_clear_error(corrupt_shapes, tmp_path: P
     with pytest.raises(TooManyBadImagesError, match=r"1 of the 4 training images .*max_bad_image_fraction=0.01"):
         train_run(cfg, data / "annotations.json", data, tmp_path / "run")
     assert bad in (tmp_path / "run" / "skipped_images.txt").read_text()
+
+
+def test_an_earlier_run_is_never_overwritten_silently(shapes: Path, tmp_path: Path) -> None:
+    from maskrcnn.engine.runs import RunExistsError, train_run
+
+    torch.set_num_threads(1)
+    cfg = _tiny_cfg("solver.max_iter=1")
+    run = tmp_path / "run"
+    train_run(cfg, shapes / "annotations.json", shapes, run)
+    metrics = (run / "metrics.jsonl").read_text()
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(RunExistsError, match=r"--resume .* --overwrite"):
+        train_run(cfg, shapes / "annotations.json", shapes, run)
+    assert (run / "metrics.jsonl").read_text() == metrics  # untouched
+    with pytest.raises(RunExistsError, match="exclude each other"):
+        train_run(cfg, shapes / "annotations.json", shapes, run, resume=True, overwrite=True)
+    train_run(cfg, shapes / "annotations.json", shapes, run, resume=True)  # nothing left to do: fine
+    stale = run / "checkpoints" / "model_0000099.pt"
+    stale.write_bytes(b"an old run's checkpoint")
+    train_run(cfg, shapes / "annotations.json", shapes, run, overwrite=True)
+    assert not stale.exists() and (run / "notes.txt").read_text() == "mine"  # the run's files only
+    assert (run / "model_final" / "model.safetensors").is_file()
+
+
+def test_cli_names_resume_and_overwrite(shapes: Path, tmp_path: Path, capsys) -> None:
+    from maskrcnn.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"type": "train", "iter": 5}\n')
+    rc = main(["train", "--data", str(shapes / "annotations.json"), "--images", str(shapes), "--out", str(run),
+               *TINY])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--resume" in err and "--overwrite" in err
+    assert (run / "metrics.jsonl").read_text() == '{"type": "train", "iter": 5}\n'

@@ -7,10 +7,11 @@ import copy
 import io
 import json
 import math
+import posixpath
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,14 @@ class ImageSizeError(DatasetError):
 
 # A training sample whose image raises one of these is skipped and replaced (data.loader.SeededSamples).
 BAD_IMAGE_ERRORS: tuple[type[Exception], ...] = (ImageReadError, ImageSizeError)
+
+
+def escapes_folder(file_name: str) -> bool:
+    """True when ``file_name`` (as a COCO ``file_name``) is absolute or climbs out of its folder with ``..``."""
+    text = str(file_name).replace("\\", "/")
+    if text.startswith("/") or PureWindowsPath(str(file_name)).drive:
+        return True
+    return posixpath.normpath(text).split("/")[0] == ".."
 
 
 def polygon_problem(poly: Any, height: int, width: int) -> str | None:
@@ -114,6 +123,7 @@ class CocoDataset(torch.utils.data.Dataset):
         *,
         min_box_size: float = 1e-3,
         seed: int = 0,
+        allow_outside_images: bool = False,
     ) -> None:
         """Parse ``ann_file``; ``category_ids`` (default: all, sorted) fixes label i -> category_ids[i-1].
 
@@ -121,6 +131,8 @@ class CocoDataset(torch.utils.data.Dataset):
 
         min_box_size: boxes whose width or height after clipping to the image is at most this many pixels are
         dropped. seed: seeds the per-sample generator of ``dataset[i]`` (the loaders pass their own instead).
+        allow_outside_images: accept ``file_name`` entries that are absolute or lead out of ``image_dir`` with
+        ``..`` (refused by default: an annotation file should not make training read arbitrary files).
         """
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
@@ -147,6 +159,13 @@ class CocoDataset(torch.utils.data.Dataset):
         self._cat_to_label = {c: i + 1 for i, c in enumerate(ids)}
 
         images = {int(im["id"]): im for im in self._data["images"]}
+        if not allow_outside_images:
+            for im in self._data["images"]:
+                if escapes_folder(im["file_name"]):
+                    raise DatasetError(
+                        f"{self.ann_file}: image id {im['id']} has file_name {im['file_name']!r}, which lies outside "
+                        f"the image folder {self.image_dir}; pass --allow-outside-images "
+                        f"(allow_outside_images=True) if the file is meant to be read from there")
         per_image: dict[int, list[tuple[np.ndarray, int, Any]]] = {i: [] for i in images}
         dropped: Counter[str] = Counter()
         for ann in self._data["annotations"]:

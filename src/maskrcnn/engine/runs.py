@@ -16,8 +16,49 @@ from typing import Any
 
 logger = logging.getLogger("maskrcnn.engine.runs")
 
-__all__ = ["apply_model_overrides", "evaluate_run", "flat_metrics", "init_from", "label_category_ids", "train_run",
-           "with_dataset_classes"]
+__all__ = ["RUN_FILES", "RunExistsError", "apply_model_overrides", "evaluate_run", "flat_metrics", "holds_run",
+           "init_from", "label_category_ids", "train_run", "with_dataset_classes"]
+
+# What a training run writes into its folder; --overwrite deletes exactly these (and nothing else of the folder).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "model_final", "model_best", "eval", "loss_curves.png",
+             "skipped_images.txt", "tensorboard")
+
+
+class RunExistsError(ValueError):
+    """``train_run`` into a folder that holds an earlier run, without ``resume`` or ``overwrite``."""
+
+
+def holds_run(out_dir: str | Path) -> bool:
+    """True when ``out_dir`` holds files of a training run (its config, metrics, checkpoints or final model)."""
+    out_dir = Path(out_dir)
+    ckpts = out_dir / "checkpoints"
+    return (any((out_dir / name).exists() for name in ("config.yaml", "metrics.jsonl", "model_final"))
+            or (ckpts.is_dir() and any(ckpts.iterdir())))
+
+
+def _prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into an earlier run unless resuming; with ``overwrite`` delete that run's files first."""
+    import shutil  # noqa: PLC0415
+
+    from maskrcnn.engine import dist as du  # noqa: PLC0415
+
+    if resume and overwrite:
+        raise RunExistsError("resume and overwrite exclude each other: --resume continues the run in the folder, "
+                             "--overwrite deletes it")
+    if resume or not holds_run(out_dir):
+        return
+    if not overwrite:
+        raise RunExistsError(f"{out_dir} holds an earlier training run; pass --resume to continue it or "
+                             f"--overwrite to delete it and start afresh (or choose another --out)")
+    if du.get_rank() == 0:
+        logger.warning("--overwrite: deleting the earlier run in %s", out_dir)
+        for name in RUN_FILES:
+            target = out_dir / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+    du.barrier()
 
 
 def with_dataset_classes(cfg: Any, dataset: Any) -> Any:
@@ -76,10 +117,12 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float | None]:
 
 def train_run(cfg: Any, data: str | Path, images: str | Path, out_dir: str | Path,
                  val_data: str | Path | None = None, val_images: str | Path | None = None,
-                 init_weights: str | None = None, resume: bool = False) -> tuple[Any, dict[str, Any] | None]:
+                 init_weights: str | None = None, resume: bool = False, overwrite: bool = False,
+                 allow_outside_images: bool = False) -> tuple[Any, dict[str, Any] | None]:
     """Train ``cfg`` (classes taken from the dataset) into ``out_dir``; returns (model, last eval metrics or None).
 
-    Writes config.yaml, metrics.jsonl, checkpoints/, loss_curves.png, model_final/ and, with validation data,
+    A folder that holds an earlier run is refused (:class:`RunExistsError`) unless ``resume`` continues it or
+    ``overwrite`` deletes it first. Writes config.yaml, metrics.jsonl, checkpoints/, loss_curves.png, model_final/ and, with validation data,
     eval/metrics.json and eval/results.json.
     """
     from maskrcnn.data import CocoDataset, build_transforms  # noqa: PLC0415
@@ -93,8 +136,10 @@ def train_run(cfg: Any, data: str | Path, images: str | Path, out_dir: str | Pat
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{path}: {what} not found")
     out_dir = Path(out_dir)
+    _prepare_run_dir(out_dir, resume, overwrite)
     train_ds = CocoDataset(data, images, transforms=build_transforms(cfg, train=True),
-                           filter_empty=cfg.train.filter_empty, seed=cfg.train.seed)
+                           filter_empty=cfg.train.filter_empty, seed=cfg.train.seed,
+                           allow_outside_images=allow_outside_images)
     if len(train_ds) == 0:
         raise DatasetError(f"{data}: no training images with usable annotations")
     cfg = with_dataset_classes(cfg, train_ds)
@@ -109,7 +154,8 @@ def train_run(cfg: Any, data: str | Path, images: str | Path, out_dir: str | Pat
     last: dict[str, Any] = {}
     if val_data is not None:
         # The validation labels must mean what the training labels mean.
-        val_ds = CocoDataset(val_data, val_images or images, filter_empty=False, category_ids=train_ds.category_ids)
+        val_ds = CocoDataset(val_data, val_images or images, filter_empty=False, category_ids=train_ds.category_ids,
+                             allow_outside_images=allow_outside_images)
 
         def eval_fn(m: Any, iteration: int) -> dict[str, Any]:
             """COCO AP on the validation set, flattened for metrics.jsonl; also writes out_dir/eval/."""
@@ -159,7 +205,7 @@ def label_category_ids(model: Any, dataset: Any) -> list[int]:
 
 
 def evaluate_run(model: Any, data: str | Path, images: str | Path, out_dir: str | Path, batch_size: int = 1,
-                progress: bool | None = None) -> dict[str, Any]:
+                progress: bool | None = None, allow_outside_images: bool = False) -> dict[str, Any]:
     """Evaluate ``model`` on a COCO dataset; writes out_dir/metrics.json and results.json; returns the metrics.
 
     ``progress`` None shows a bar only when stderr is a terminal.
@@ -170,7 +216,7 @@ def evaluate_run(model: Any, data: str | Path, images: str | Path, out_dir: str 
     for path, what in ((data, "annotations"), (images, "image folder")):
         if not Path(path).exists():
             raise FileNotFoundError(f"{path}: {what} not found")
-    dataset = CocoDataset(data, images, filter_empty=False)
+    dataset = CocoDataset(data, images, filter_empty=False, allow_outside_images=allow_outside_images)
     if progress is None:
         progress = sys.stderr.isatty()  # a bar redrawn into a log file is noise
     ev = Evaluator.from_dataset(dataset, category_ids=label_category_ids(model, dataset), batch_size=batch_size,
