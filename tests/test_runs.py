@@ -165,3 +165,34 @@ def test_cli_names_resume_and_overwrite(shapes: Path, tmp_path: Path, capsys) ->
     err = capsys.readouterr().err
     assert rc == 2 and "--resume" in err and "--overwrite" in err
     assert (run / "metrics.jsonl").read_text() == '{"type": "train", "iter": 5}\n'
+
+
+def test_validation_losses_best_model_and_final_model_before_final_eval(shapes: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from maskrcnn import load_model
+    from maskrcnn.engine.evaluator import Evaluator
+    from maskrcnn.engine.runs import train_run
+
+    torch.set_num_threads(1)
+    ann = shapes / "annotations.json"
+    cfg = _tiny_cfg("solver.max_iter=2", "train.eval_period=1")
+    run = tmp_path / "run"
+    train_run(cfg, ann, shapes, run, val_data=ann, val_images=shapes)
+    evals = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["type"] == "eval"]
+    assert [r["iter"] for r in evals] == [1, 2]
+    for r in evals:
+        assert r["val_total_loss"] > 0 and r["val_loss_mask"] > 0 and "segm_AP" in r
+        assert r["val_total_loss"] == pytest.approx(sum(v for k, v in r.items() if k.startswith("val_loss")))
+    assert load_model(run / "model_best").cfg.model.class_names == ("square", "circle", "triangle")
+
+    def broken(self, model):
+        raise ValueError("val.jpg: not a recognised image format")
+
+    monkeypatch.setattr(Evaluator, "evaluate", broken)
+    with pytest.raises(ValueError, match="val.jpg"):
+        train_run(_tiny_cfg("solver.max_iter=2"), ann, shapes, tmp_path / "failing", val_data=ann,
+                  val_images=shapes)  # evaluates only at the end
+    assert (tmp_path / "failing" / "model_final" / "model.safetensors").is_file()

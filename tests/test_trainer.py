@@ -503,3 +503,102 @@ def test_real_loader_passed_as_dataloader_resumes_by_consumed_count(tmp_path):
     resumed.train(resume=True)
     assert history_rows(resumed.history) == history_rows(ref.history)[3:]
     assert_same_weights(model, ref_model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Best model, early stopping, the final model before the final evaluation
+
+
+def scripted_eval(values: dict[int, float], calls: list | None = None):
+    """An eval_fn returning segm_AP ``values[iteration]`` and a validation loss that falls with it."""
+    def eval_fn(model: nn.Module, iteration: int) -> dict:
+        if calls is not None:
+            calls.append(iteration)
+        return {"segm_AP": values[iteration], "val_total_loss": 1.0 - values[iteration]}
+    return eval_fn
+
+
+def saver(log: list):
+    """A save_model stand-in recording (folder name, a copy of the weights)."""
+    def save(model: nn.Module, folder):
+        log.append((folder.name, {k: v.clone() for k, v in model.state_dict().items()}))
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    return save
+
+
+AP_SEQUENCE = {1: 0.1, 2: 0.3, 3: 0.2, 4: 0.25, 5: 0.5, 6: 0.6}
+
+
+def test_best_model_and_patience(tmp_path):
+    cfg = make_cfg(eval_period=1, patience=2)
+    saved: list = []
+    t = Trainer(TinyDetector(), cfg, loader_factory(), tmp_path / "run", eval_fn=scripted_eval(AP_SEQUENCE),
+                save_model=saver(saved))
+    res = t.train()
+    # Best at 2 (0.3); 3 and 4 do not beat it: patience 2 stops after iteration 4, checkpointed there.
+    assert res["stopped_early"] and res["iteration"] == 4
+    assert res["best"] == {"metric": "segm_AP", "value": 0.3, "iteration": 2, "since": 2}
+    assert [name for name, _ in saved] == ["model_best", "model_best", "model_final"]
+    assert (tmp_path / "run" / "checkpoints" / "model_0000004.pt").is_file()
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "model_0000004.pt")
+    assert ckpt["best"]["iteration"] == 2
+    # A resumed early-stopped run stays stopped.
+    again = Trainer(TinyDetector(), cfg, loader_factory(), tmp_path / "run", eval_fn=scripted_eval(AP_SEQUENCE),
+                    save_model=saver(saved))
+    assert again.train(resume=True)["stopped_early"] and again.history == []
+    # Without patience the run goes on; a lower-is-better metric is minimised.
+    lossy = make_cfg(eval_period=1, best_metric="val_total_loss")
+    saved2: list = []
+    r2 = Trainer(TinyDetector(), lossy, loader_factory(), tmp_path / "loss", eval_fn=scripted_eval(AP_SEQUENCE),
+                 save_model=saver(saved2)).train()
+    assert not r2["stopped_early"] and r2["best"]["iteration"] == 6
+    assert [n for n, _ in saved2].count("model_best") == 4  # iterations 1, 2, 5, 6
+    records = read_metrics(tmp_path / "loss" / "metrics.jsonl")
+    assert [r["val_total_loss"] for r in records if r["type"] == "eval"] == pytest.approx(
+        [1 - AP_SEQUENCE[i] for i in range(1, 7)])
+
+
+def test_best_state_resumes(tmp_path):
+    """Killed after the checkpoint of iteration 3 and resumed, the run keeps its best and its patience count."""
+    cfg = make_cfg(eval_period=1, patience=3)
+    ref = Trainer(TinyDetector(), cfg, loader_factory(), tmp_path / "ref", eval_fn=scripted_eval(AP_SEQUENCE),
+                  save_model=saver([])).train()
+    with pytest.raises(RuntimeError, match="simulated preemption"):
+        Trainer(TinyDetector(), cfg, loader_factory(crash_at=3), tmp_path / "run",
+                eval_fn=scripted_eval(AP_SEQUENCE), save_model=saver([])).train()
+    calls: list = []
+    saved: list = []
+    resumed = Trainer(TinyDetector(), cfg, loader_factory(), tmp_path / "run",
+                      eval_fn=scripted_eval(AP_SEQUENCE, calls), save_model=saver(saved)).train(resume=True)
+    assert calls == [4, 5, 6] and resumed["best"] == ref["best"] == {
+        "metric": "segm_AP", "value": 0.6, "iteration": 6, "since": 0}
+    assert [n for n, _ in saved] == ["model_best", "model_final", "model_best"]
+
+
+def test_model_final_is_written_before_the_final_evaluation(tmp_path):
+    saved: list = []
+
+    def failing_eval(model: nn.Module, iteration: int) -> dict:
+        raise ValueError("a validation image cannot be read")
+
+    with pytest.raises(ValueError, match="validation image"):
+        Trainer(TinyDetector(), make_cfg(), loader_factory(), tmp_path, eval_fn=failing_eval,
+                save_model=saver(saved)).train()
+    assert [n for n, _ in saved] == ["model_final"]
+    assert (tmp_path / "checkpoints" / "model_0000006.pt").is_file()
+
+
+def test_plot_shows_validation_losses_and_ap(tmp_path):
+    pytest.importorskip("matplotlib")
+    from maskrcnn.engine.trainer import loss_curves_figure
+
+    Trainer(TinyDetector(), make_cfg(eval_period=2), loader_factory(), tmp_path,
+            eval_fn=scripted_eval(AP_SEQUENCE)).train()
+    fig = loss_curves_figure(read_metrics(tmp_path / "metrics.jsonl"))
+    labels = {ln.get_label() for ax in fig.axes for ln in ax.get_lines()}
+    assert {"val_total_loss", "segm_AP", "total_loss", "loss_mask"} <= labels
+    ap_axis = next(ax for ax in fig.axes if any(ln.get_label() == "segm_AP" for ln in ax.get_lines()))
+    line = next(ln for ln in ap_axis.get_lines() if ln.get_label() == "segm_AP")
+    assert list(line.get_xdata()) == [2, 4, 6] and list(line.get_ydata()) == [0.3, 0.25, 0.6]
+    assert (tmp_path / "loss_curves.png").stat().st_size > 1000

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from maskrcnn.atomic import atomic_write_text
+
 IMAGENET_MEAN_RGB01 = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB01 = (0.229, 0.224, 0.225)
 # log(1000/16): the largest box-size change a regression delta may express (Detectron).
@@ -258,6 +260,12 @@ class TrainConfig:
     keep_last: int = 3
     log_period: int = 20
     eval_period: int = 0  # 0: evaluate only at the end (if eval data is given)
+    # Evaluation value that picks model_best/ (a key of the logged evaluation: segm_AP, bbox_AP, keypoints_AP,
+    # val_total_loss, ...; losses are minimised, the rest maximised). "auto": keypoints_AP for keypoint models,
+    # else segm_AP (bbox_AP without a mask head).
+    best_metric: str = "auto"
+    # Stop after this many evaluations without a new best train.best_metric; 0 never stops early.
+    patience: int = 0
     # Training stops when more than this fraction of the images cannot be read (each one is skipped, replaced by
     # another image, logged and listed in skipped_images.txt); 0 stops at the first.
     max_bad_image_fraction: float = 0.01
@@ -467,7 +475,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
             text = json.dumps(data, indent=2)  # JSON is valid YAML
     else:
         text = json.dumps(data, indent=2)
-    path.write_text(text)
+    atomic_write_text(path, text)
 
 
 def load_config(path: str | Path, base: Config | None = None) -> Config:

@@ -84,10 +84,14 @@ class Result:
         """Write the overlay picture to ``path`` (PNG/JPEG by suffix) and return the path."""
         from PIL import Image  # noqa: PLC0415
 
+        from maskrcnn.atomic import atomic_write  # noqa: PLC0415
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(self.plot(image, **kwargs)).save(path)
-        return path
+        fmt = Image.registered_extensions().get(path.suffix.lower())
+        if fmt is None:
+            raise ValueError(f"{path}: unknown picture format {path.suffix!r}; use .png or .jpg")
+        picture = Image.fromarray(self.plot(image, **kwargs))
+        return atomic_write(path, True, lambda f: picture.save(f, format=fmt))
 
     def to_coco(self, image_id: int, **extra: Any) -> list[dict[str, Any]]:
         """COCO results records (bbox XYWH, score, category_id, RLE segmentation) for this image."""

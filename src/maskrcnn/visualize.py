@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from maskrcnn.atomic import atomic_write
 from maskrcnn.structures import Result
 
 __all__ = [
@@ -308,6 +309,6 @@ def save_mask_pngs(result: Result, out_dir: str | Path, stem: str) -> list[Path]
         m = _as_numpy(result.masks[i])
         m = m if m.dtype == np.bool_ else m > 0.5
         path = out_dir / f"{stem}_{i:03d}_{_safe_name(names[i])}.png"
-        Image.fromarray(np.ascontiguousarray(m)).save(path)
+        atomic_write(path, True, lambda f, m=m: Image.fromarray(np.ascontiguousarray(m)).save(f, format="PNG"))
         paths.append(path)
     return paths

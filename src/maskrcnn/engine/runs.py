@@ -17,7 +17,7 @@ from typing import Any
 logger = logging.getLogger("maskrcnn.engine.runs")
 
 __all__ = ["RUN_FILES", "RunExistsError", "apply_model_overrides", "evaluate_run", "flat_metrics", "holds_run",
-           "init_from", "label_category_ids", "train_run", "with_dataset_classes"]
+           "init_from", "label_category_ids", "train_run", "validation_losses", "with_dataset_classes"]
 
 # What a training run writes into its folder; --overwrite deletes exactly these (and nothing else of the folder).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "model_final", "model_best", "eval", "loss_curves.png",
@@ -107,12 +107,57 @@ def init_from(model: Any, source: str) -> None:
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float | None]:
-    """{"bbox": {"AP": x}} -> {"bbox_AP": x}; nan -> None so metrics.jsonl stays strict JSON."""
+    """{"bbox": {"AP": x}} -> {"bbox_AP": x} for every IoU type; nan -> None so metrics.jsonl stays strict JSON."""
     out: dict[str, float | None] = {}
-    for t in ("bbox", "segm"):
-        for k, v in (metrics.get(t) or {}).items():
-            out[f"{t}_{k}"] = None if isinstance(v, float) and math.isnan(v) else v
+    for t, table in metrics.items():
+        if t in ("per_class", "info") or not isinstance(table, dict):
+            continue
+        for k, v in table.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"{t}_{k}"] = None if isinstance(v, float) and math.isnan(v) else v
     return out
+
+
+def validation_losses(model: Any, dataset: Any, batch_size: int = 1) -> dict[str, float]:
+    """Mean training losses of ``model`` over ``dataset`` (this process's share), as ``{"val_<term>": value}``.
+
+    The model runs in training mode (losses need it) without gradients, with its BatchNorm layers kept in eval
+    mode so that validation images do not move their running statistics. Proposal sampling draws from the
+    global RNG: the trainer saves and restores it around evaluations.
+    """
+    import torch  # noqa: PLC0415
+
+    from maskrcnn.data import build_test_loader  # noqa: PLC0415
+    from maskrcnn.engine import dist as du  # noqa: PLC0415
+
+    rank, world = du.get_rank(), du.get_world_size()
+    shard = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
+    sums: dict[str, float] = {}
+    count = 0
+    was_training = model.training
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for images, targets in build_test_loader(shard, batch_size=batch_size):
+                targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+                           for t in targets]
+                losses = model([im.to(device) for im in images], targets)
+                total = 0.0
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * len(images)
+                    total += float(v)
+                sums["total_loss"] = sums.get("total_loss", 0.0) + total * len(images)
+                count += len(images)
+    finally:
+        model.train(was_training)
+    parts = du.all_gather_object((sums, count))
+    n = sum(c for _, c in parts)
+    keys = sorted({k for s, _ in parts for k in s})
+    return {f"val_{k}": sum(s.get(k, 0.0) for s, _ in parts) / n for k in keys} if n else {}
 
 
 def train_run(cfg: Any, data: str | Path, images: str | Path, out_dir: str | Path,
@@ -156,23 +201,28 @@ def train_run(cfg: Any, data: str | Path, images: str | Path, out_dir: str | Pat
         # The validation labels must mean what the training labels mean.
         val_ds = CocoDataset(val_data, val_images or images, filter_empty=False, category_ids=train_ds.category_ids,
                              allow_outside_images=allow_outside_images)
+        # The same images with targets at the test-time size, for the validation losses.
+        loss_ds = CocoDataset(val_data, val_images or images, transforms=build_transforms(cfg, train=False),
+                              filter_empty=cfg.train.filter_empty, category_ids=train_ds.category_ids,
+                              allow_outside_images=allow_outside_images)
 
         def eval_fn(m: Any, iteration: int) -> dict[str, Any]:
-            """COCO AP on the validation set, flattened for metrics.jsonl; also writes out_dir/eval/."""
+            """Validation losses and COCO AP, flattened for metrics.jsonl; also writes out_dir/eval/."""
+            losses = validation_losses(m, loss_ds) if len(loss_ds) else {}
+            m.eval()
             ev = Evaluator.from_dataset(val_ds, progress=False, out_dir=out_dir / "eval")
             last["metrics"] = ev.evaluate(m)
-            return flat_metrics(last["metrics"])
+            return {**losses, **flat_metrics(last["metrics"])}
 
-    trainer = Trainer(model, cfg, train_ds, out_dir, eval_fn=eval_fn)
+    from maskrcnn.weights.native import save_model  # noqa: PLC0415
+
+    trainer = Trainer(model, cfg, train_ds, out_dir, eval_fn=eval_fn, save_model=save_model)
     result = trainer.train(resume=resume)
     if trainer.rank != 0:
         return trainer.model, last.get("metrics")
-    from maskrcnn.weights.native import save_model  # noqa: PLC0415
-
-    final = save_model(trainer.model, out_dir / "model_final")
     losses = result.get("losses") or {}
     logger.info("finished at iteration %d, total_loss %s; model saved to %s", result.get("iteration", 0),
-                f"{losses['total_loss']:.4f}" if "total_loss" in losses else "-", final)
+                f"{losses['total_loss']:.4f}" if "total_loss" in losses else "-", out_dir / "model_final")
     return trainer.model, last.get("metrics")
 
 
