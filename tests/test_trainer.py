@@ -602,3 +602,54 @@ def test_plot_shows_validation_losses_and_ap(tmp_path):
     line = next(ln for ln in ap_axis.get_lines() if ln.get_label() == "segm_AP")
     assert list(line.get_xdata()) == [2, 4, 6] and list(line.get_ydata()) == [0.3, 0.25, 0.6]
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+import torch
+sys.path.insert(0, {tests!r})
+from test_trainer import TinyDetector, loader_factory, make_cfg
+from maskrcnn.engine.trainer import Trainer
+
+real_save = torch.save
+count = {{"n": 0}}
+
+def save_then_die(obj, f, *args, **kwargs):
+    count["n"] += 1
+    if count["n"] == 2:  # the second checkpoint: half written, then the process is killed
+        f.write(b"PK\\x03\\x04 half a checkpoint")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+
+torch.save = save_then_die
+torch.set_num_threads(1)
+Trainer(TinyDetector(), make_cfg(), loader_factory(), {out!r}).train()
+"""
+
+
+def test_checkpoint_save_killed_midway(tmp_path):
+    """SIGKILL while the second checkpoint is written: the first stays loadable and the next start cleans up."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    script = KILL_DURING_SAVE.format(tests=str(Path(__file__).parent), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    ckpts = out / "checkpoints"
+    stale = [p.name for p in ckpts.iterdir() if p.name.endswith(".tmp")]
+    assert len(stale) == 1 and stale[0].startswith(".model_0000006.pt.")
+    assert load_checkpoint(ckpts / "model_0000003.pt")["iteration"] == 3
+    ref = Trainer(TinyDetector(), make_cfg(), loader_factory(), tmp_path / "ref")
+    ref.train()
+    model = TinyDetector(init_seed=4)
+    resumed = Trainer(model, make_cfg(), loader_factory(), out)
+    resumed.train(resume=True)
+    assert [h["iter"] for h in resumed.history] == [4, 5, 6]
+    assert_same_weights(model, ref.model)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last_checkpoint", "model_0000003.pt", "model_0000006.pt"]

@@ -105,3 +105,37 @@ def test_load_by_registry_name_from_cache_and_mirror(v1_path: Path, tmp_path: Pa
     assert torch.equal(next(again.parameters()), next(model.parameters()))
     with pytest.raises(hub.HubError, match="neither an existing file nor known weights"):
         maskrcnn.load_model("no_such_weights")
+
+
+def test_save_model_folder_is_complete_or_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from maskrcnn.weights import save_model
+
+    torch.manual_seed(0)
+    model = MaskRCNN(get_preset("r18_fpn_demo"))
+    real = Path.write_text
+
+    def killed(self, *args, **kwargs):
+        if self.name == "config.json":
+            raise KeyboardInterrupt  # between the weights and the config
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(model, tmp_path / "fresh")
+    assert list(tmp_path.iterdir()) == []  # no half folder
+    monkeypatch.undo()
+    save_model(model, tmp_path / "final")
+    before = (tmp_path / "final" / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    monkeypatch.setattr(Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(model, tmp_path / "final")
+    monkeypatch.undo()
+    assert (tmp_path / "final" / "model.safetensors").read_bytes() == before  # the old model, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    # A folder with the user's own files in it keeps them.
+    (tmp_path / "final" / "README.txt").write_text("notes")
+    save_model(model, tmp_path / "final")
+    assert (tmp_path / "final" / "README.txt").read_text() == "notes"
+    assert maskrcnn.load_model(tmp_path / "final").model.state_dict().keys() == model.state_dict().keys()
