@@ -139,3 +139,37 @@ def test_save_model_folder_is_complete_or_absent(tmp_path: Path, monkeypatch: py
     save_model(model, tmp_path / "final")
     assert (tmp_path / "final" / "README.txt").read_text() == "notes"
     assert maskrcnn.load_model(tmp_path / "final").model.state_dict().keys() == model.state_dict().keys()
+
+
+class _RunsCode:
+    """Unpickling this would call ``os.system``: every checkpoint reader must refuse before it happens."""
+
+    def __reduce__(self):  # noqa: ANN204 - pickle protocol
+        import os
+
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_no_checkpoint_reader_unpickles_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from maskrcnn.engine.checkpoint import load_checkpoint
+    from maskrcnn.weights import read_init_state
+
+    calls: list = []
+    monkeypatch.setattr(os, "system", lambda cmd: calls.append(cmd) or 0)
+    bad = tmp_path / "model.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": _RunsCode()}, bad)
+    with pytest.raises(WeightsError, match=r"model\.pth: cannot read as a PyTorch checkpoint"):
+        maskrcnn.load_model(bad)
+    with pytest.raises(WeightsError):
+        read_init_state(bad)
+    with pytest.raises(RuntimeError, match="cannot load checkpoint"):
+        load_checkpoint(bad)
+    import pickle
+
+    pkl = tmp_path / "model_final.pkl"
+    pkl.write_bytes(pickle.dumps({"model": {"w": _RunsCode()}}))
+    with pytest.raises(WeightsError, match="refused to load this pickle"):
+        maskrcnn.load_model(pkl)
+    assert calls == []  # nothing ran
