@@ -156,20 +156,20 @@ def test_no_checkpoint_reader_unpickles_code(tmp_path: Path, monkeypatch: pytest
     from maskrcnn.engine.checkpoint import load_checkpoint
     from maskrcnn.weights import read_init_state
 
-    calls: list = []
-    monkeypatch.setattr(os, "system", lambda cmd: calls.append(cmd) or 0)
+    import pickle
+
     bad = tmp_path / "model.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "payload": _RunsCode()}, bad)
+    pkl = tmp_path / "model_final.pkl"
+    pkl.write_bytes(pickle.dumps({"model": {"w": _RunsCode()}}))
+    calls: list = []
+    monkeypatch.setattr(os, "system", lambda cmd: calls.append(cmd) or 0)
     with pytest.raises(WeightsError, match=r"model\.pth: cannot read as a PyTorch checkpoint"):
         maskrcnn.load_model(bad)
     with pytest.raises(WeightsError):
         read_init_state(bad)
     with pytest.raises(RuntimeError, match="cannot load checkpoint"):
         load_checkpoint(bad)
-    import pickle
-
-    pkl = tmp_path / "model_final.pkl"
-    pkl.write_bytes(pickle.dumps({"model": {"w": _RunsCode()}}))
     with pytest.raises(WeightsError, match="refused to load this pickle"):
         maskrcnn.load_model(pkl)
     assert calls == []  # nothing ran
