@@ -355,11 +355,48 @@ def test_periodic_eval_is_logged_and_does_not_perturb_training(tmp_path):
     assert [(r["iter"], r["bbox_AP"]) for r in evals] == [(4, pytest.approx(0.4)), (6, pytest.approx(0.6))]
 
 
-def test_tensorboard_flag_is_optional(tmp_path):
-    cfg = make_cfg(tensorboard=True)
-    cfg = dataclasses.replace(cfg, solver=dataclasses.replace(cfg.solver, max_iter=2))
-    Trainer(TinyDetector(), cfg, loader_factory(), tmp_path).train()  # logs or skips, never fails
-    assert (tmp_path / "metrics.jsonl").exists()
+class _FakeSummaryWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter: records (tag, value, step) and its log folder."""
+
+    made: list = []
+
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        _FakeSummaryWriter.made.append(self)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.append((tag, value, step))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_tensorboard_flag_writes_events_or_says_why_not(tmp_path, monkeypatch, caplog):
+    import sys
+    import types
+
+    cfg = make_cfg(tensorboard=True, eval_period=2)
+    cfg = dataclasses.replace(cfg, solver=dataclasses.replace(cfg.solver, max_iter=4))
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = _FakeSummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    _FakeSummaryWriter.made.clear()
+    Trainer(TinyDetector(), cfg, loader_factory(), tmp_path / "tb",
+            eval_fn=lambda m, it: {"segm_AP": 0.1 * it}).train()
+    (writer,) = _FakeSummaryWriter.made
+    assert writer.log_dir == str(tmp_path / "tb" / "tensorboard") and writer.closed
+    tags = {(tag, step) for tag, _, step in writer.scalars}
+    assert {("train/total_loss", i) for i in range(1, 5)} <= tags and ("train/lr", 1) in tags
+    assert ("eval/segm_AP", 2) in tags and ("eval/segm_AP", 4) in tags
+    records = {r["iter"]: r for r in read_metrics(tmp_path / "tb" / "metrics.jsonl") if r["type"] == "train"}
+    logged = [v for tag, v, _ in writer.scalars if tag == "train/total_loss"]
+    assert logged == [records[s]["total_loss"] for s in range(1, 5)]
+    # Without tensorboard installed the run goes on and says why there are no events.
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail
+    with caplog.at_level(logging.WARNING, logger="maskrcnn"):
+        Trainer(TinyDetector(), cfg, loader_factory(), tmp_path / "none").train()
+    assert any("tensorboard is not installed" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "none" / "metrics.jsonl").exists() and not (tmp_path / "none" / "tensorboard").exists()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -444,8 +481,7 @@ class _CrashingDataset(torch.utils.data.Dataset):
 
 
 def test_real_maskrcnn_and_loader_resume_bit_identical(tmp_path):
-    pytest.importorskip("maskrcnn.modeling.mask_rcnn")
-    data = pytest.importorskip("maskrcnn.data")
+    from maskrcnn import data
     from maskrcnn.config import apply_overrides, get_preset
     from maskrcnn.modeling.mask_rcnn import MaskRCNN
 
@@ -480,7 +516,8 @@ def test_real_maskrcnn_and_loader_resume_bit_identical(tmp_path):
 
 
 def test_real_loader_passed_as_dataloader_resumes_by_consumed_count(tmp_path):
-    data = pytest.importorskip("maskrcnn.data")
+    from maskrcnn import data
+
     ann = data.generate_shapes(tmp_path / "shapes", 5, seed=1, image_size=(24, 32))
     cfg = make_cfg()
 
