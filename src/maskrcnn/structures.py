@@ -10,6 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from maskrcnn.ops.masks import MaskCrops
+
+__all__ = ["MaskCrops", "Result", "results_to_coco"]
+
 
 @dataclass
 class Result:
@@ -17,7 +21,9 @@ class Result:
 
     boxes: (N, 4) float32 XYXY absolute pixels of the input image; scores: (N,) float32 in [0, 1];
     labels: (N,) int64 contiguous class indices 1..K (0 is background and never appears);
-    masks: (N, H, W) bool at the input image's size, or None when the model has no mask head;
+    masks: (N, H, W) bool at the input image's size, or None when the model has no mask head. From the model it
+        is a :class:`MaskCrops`: each mask kept over its box's window only, so memory grows with the detections,
+        not the image; ``masks.dense()`` (or any tensor use) builds the full (N, H, W) tensor, ``masks[i]`` one mask;
     soft_masks: (N, H, W) float32 probabilities, only when asked for.
     class_names: names of the K foreground classes (label i -> class_names[i-1]), possibly empty.
     category_ids: dataset category id for each contiguous label (label i -> category_ids[i-1]), possibly empty.
@@ -26,7 +32,7 @@ class Result:
     boxes: torch.Tensor
     scores: torch.Tensor
     labels: torch.Tensor
-    masks: torch.Tensor | None = None
+    masks: torch.Tensor | MaskCrops | None = None
     soft_masks: torch.Tensor | None = None
     image_size: tuple[int, int] = (0, 0)
     class_names_table: tuple[str, ...] = field(default=(), repr=False)
