@@ -102,8 +102,8 @@ def test_mask_crops_equal_the_windowed_paste() -> None:
         dense = paste_masks_in_windows(masks, boxes, (h, w), mode, 1, threshold=0.5, threshold_inclusive=inclusive)
         crops = paste_mask_crops(masks, boxes, (h, w), mode, 1, threshold=0.5, threshold_inclusive=inclusive)
         assert crops.shape == (40, h, w) and torch.equal(crops.dense(), dense)
-        # Memory: each crop is at most its (grown) box, nowhere near N full images.
-        assert sum(c.numel() for c in crops.crops) < 0.5 * dense.numel()
+        # Memory: each window is at most its (grown) box, and it is held compressed.
+        assert int(crops.sizes.prod(1).sum()) < 0.5 * dense.numel() and crops.nbytes() < 0.05 * dense.numel()
         for i in (0, 7, 39):
             assert torch.equal(crops[i], dense[i])
         keep = torch.arange(40) % 3 == 0

@@ -292,3 +292,17 @@ def test_sigint_during_predict_leaves_valid_json(tmp_path: Path) -> None:
     index = json.loads((out / "images.json").read_text())
     assert 3 <= len(index["images"]) < 40
     _check_interrupted_outputs(out, finished=len(index["images"]))
+
+
+def test_max_pixels_refuses_large_images_with_a_clear_message(tmp_path: Path, capsys) -> None:
+    from maskrcnn.predict import ImageTooLargeError
+
+    _write_png(tmp_path / "in" / "small.png", 20, 30)
+    _write_png(tmp_path / "in" / "big.png", 40, 60)
+    summary = Predictor(StubModel(), progress=False, max_pixels=1000).run([tmp_path / "in"], tmp_path / "out")
+    assert summary.images == 1 and summary.skipped == 1
+    err = capsys.readouterr().err
+    assert "big.png" in err and "60x40 = 0.0 megapixels, more than max_pixels (--max-pixels)" in err
+    with pytest.raises(ImageTooLargeError, match="image is 60x40"):
+        Predictor(StubModel(), max_pixels=1000).predict(np.zeros((40, 60, 3), np.uint8))
+    assert len(Predictor(StubModel(), max_pixels=1000).predict(np.zeros((20, 30, 3), np.uint8))) == 1

@@ -196,3 +196,12 @@ def test_validation_losses_best_model_and_final_model_before_final_eval(shapes: 
         train_run(_tiny_cfg("solver.max_iter=2"), ann, shapes, tmp_path / "failing", val_data=ann,
                   val_images=shapes)  # evaluates only at the end
     assert (tmp_path / "failing" / "model_final" / "model.safetensors").is_file()
+
+
+def test_eval_refuses_images_beyond_max_pixels_before_any_work(shapes: Path, tmp_path: Path) -> None:
+    from maskrcnn.data.coco import DatasetError
+    from maskrcnn.engine.runs import evaluate_run
+
+    with pytest.raises(DatasetError, match=r"4 images have more than --max-pixels 4000 pixels: id 1 \(images/000000\.png, 64x64\)"):
+        evaluate_run(object(), shapes / "annotations.json", shapes, tmp_path / "eval", max_pixels=4000)
+    assert not (tmp_path / "eval").exists()

@@ -205,7 +205,7 @@ def _as_crops(masks: torch.Tensor, pad: int = 3):
         y1, x1 = min(int(ys.max()) + 1 + pad, h), min(int(xs.max()) + 1 + pad, w)
         crops.append(m[y0:y1, x0:x1].clone())
         offsets.append([x0, y0])
-    return MaskCrops(crops, torch.tensor(offsets), (h, w))
+    return MaskCrops.from_crops(crops, torch.tensor(offsets), (h, w))
 
 
 def test_crops_draw_like_dense_masks_in_any_band_height(monkeypatch, tmp_path):

@@ -109,6 +109,10 @@ def _add_sizes(p: argparse.ArgumentParser) -> None:
 def _add_inference(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=1,
                    help="images per forward pass on a GPU (on the CPU images always run one at a time)")
+    p.add_argument("--max-pixels", type=_positive_int, default=None, metavar="N",
+                   help="refuse images of more than N pixels (height x width), e.g. 100000000; memory grows with "
+                        "the image only through its decoded copy and one float plane, about 7 bytes per pixel "
+                        "(default: no limit beyond Pillow's decompression-bomb check)")
     _add_sizes(p)
     p.add_argument("--fast-math", action="store_true",
                    help="fold norms into convs and run channels-last: ~20%% faster on CPU, features differ from "
@@ -524,7 +528,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = load_model(args.weights, min_size=args.min_size, max_size=args.max_size, device=args.device,
                        fast_math=args.fast_math, compile=args.compile, amp=args.amp)
     predictor = Predictor(model, score_threshold=args.score_threshold, classes=_split_names(args.classes),
-                          batch_size=args.batch_size, save_masks=args.save_masks)
+                          batch_size=args.batch_size, save_masks=args.save_masks, max_pixels=args.max_pixels)
     summary = predictor.run(args.sources, args.out, json_path=args.json, recursive=args.recursive)
     print(summary.format())
     if summary.images == 0:
@@ -742,7 +746,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         model = apply_model_overrides(model, args.overrides)
         metrics = evaluate_run(model, args.data, args.images, args.out, batch_size=args.batch_size,
-                               allow_outside_images=args.allow_outside_images)
+                               allow_outside_images=args.allow_outside_images, max_pixels=args.max_pixels)
         if du.get_rank() != 0:
             return EXIT_OK
     print(format_metrics_table(metrics))

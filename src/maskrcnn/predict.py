@@ -33,11 +33,12 @@ import numpy as np
 import torch
 
 from maskrcnn.atomic import atomic_write, atomic_write_json
-from maskrcnn.io import ImageReadError, list_images, prefetch, read_image, to_chw_tensor
+from maskrcnn.io import ImageReadError, list_images, prefetch, read_image, read_image_size, to_chw_tensor
 from maskrcnn.modeling.timing import stage
 from maskrcnn.structures import Result, results_to_coco
 
-__all__ = ["ImageInput", "PredictSummary", "Predictor", "expand_sources", "model_class_names"]
+__all__ = ["ImageInput", "ImageTooLargeError", "PredictSummary", "Predictor", "expand_sources",
+           "model_class_names"]
 
 # What ``Predictor.predict`` accepts for one image: a path, or an HWC/CHW uint8/float RGB array or tensor.
 ImageInput = Union[str, Path, np.ndarray, torch.Tensor]
@@ -49,6 +50,10 @@ PARTIAL_SUFFIX = ".partial.jsonl"
 MASKS_DIR = "masks"
 # torch.cuda.OutOfMemoryError is also what torch>=2.5 exposes as torch.OutOfMemoryError.
 _OUT_OF_MEMORY = (MemoryError, torch.cuda.OutOfMemoryError)
+
+
+class ImageTooLargeError(ValueError):
+    """An image with more pixels than the Predictor's ``max_pixels``; the message names it and both sizes."""
 
 
 @dataclass
@@ -129,8 +134,16 @@ class Predictor:
     """
 
     def __init__(self, model: Any, score_threshold: float | None = None, classes: str | Sequence[str] | None = None,
-                 batch_size: int = 1, save_masks: bool = False, progress: bool = True) -> None:
-        """``classes``: names to keep (a list or "a,b"); ``score_threshold`` None keeps the model's own."""
+                 batch_size: int = 1, save_masks: bool = False, progress: bool = True,
+                 max_pixels: int | None = None) -> None:
+        """``classes``: names to keep (a list or "a,b"); ``score_threshold`` None keeps the model's own.
+
+        ``max_pixels``: images with more pixels (height x width) are refused (:meth:`run` skips them with a
+        message, :meth:`predict` raises); None leaves only Pillow's decompression-bomb limit.
+        """
+        if max_pixels is not None and max_pixels < 1:
+            raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
+        self.max_pixels = max_pixels
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if score_threshold is not None and not 0.0 <= float(score_threshold) <= 1.0:
@@ -224,6 +237,10 @@ class Predictor:
                 chunk = items[start: start + step]
                 with stage("transform"):
                     tensors = [to_chw_tensor(x) for x in chunk]
+                for src, t in zip(chunk, tensors):
+                    why = self._too_large(int(t.shape[-2]), int(t.shape[-1]))
+                    if why:
+                        raise ImageTooLargeError(f"{src if isinstance(src, (str, Path)) else 'image'}: {why}")
                 for src, t, det in zip(chunk, tensors, model.detect(tensors, score_threshold, soft_masks)):
                     results.append(Result(
                         boxes=det["boxes"], scores=det["scores"], labels=det["labels"], masks=det.get("masks"),
@@ -354,6 +371,15 @@ class Predictor:
         batch: list[tuple[Path, np.ndarray]] = []
         for path in paths:
             try:
+                if self.max_pixels is not None:
+                    # From the header: a refused image is never decoded.
+                    why = self._too_large(*read_image_size(path))
+                    if why:
+                        problems.append((str(path), why))
+                        self._report(str(path), why, bar)
+                        if bar is not None:
+                            bar.update(1)
+                        continue
                 array = read_image(path)
             except ImageReadError as e:
                 problems.append((str(path), _problem_text(str(e), path)))
@@ -373,6 +399,13 @@ class Predictor:
                 batch = []
         if batch:
             yield batch
+
+    def _too_large(self, height: int, width: int) -> str | None:
+        """Why an image of this size is refused, or None."""
+        if self.max_pixels is None or height * width <= self.max_pixels:
+            return None
+        return (f"image is {width}x{height} = {height * width / 1e6:.1f} megapixels, more than max_pixels "
+                f"(--max-pixels) {self.max_pixels / 1e6:.1f}; downscale it or raise the limit")
 
     @staticmethod
     def _save_masks(res: Result, folder: Path, stem: str) -> list[Path]:

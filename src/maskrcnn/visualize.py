@@ -271,7 +271,7 @@ def draw_instances(
 def _instance_crop(masks: np.ndarray | MaskCrops, i: int) -> tuple[int, int, np.ndarray] | None:
     """(y0, x0, tight (h, w) bool crop) of mask ``i``'s True pixels, or None when it has none."""
     if isinstance(masks, MaskCrops):
-        m = _as_numpy(masks.crops[i])
+        m = _as_numpy(masks.crop(i))
         oy, ox = int(masks.offsets[i, 1]), int(masks.offsets[i, 0])
     else:
         m, oy, ox = masks[i], 0, 0

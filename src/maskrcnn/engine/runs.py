@@ -255,10 +255,12 @@ def label_category_ids(model: Any, dataset: Any) -> list[int]:
 
 
 def evaluate_run(model: Any, data: str | Path, images: str | Path, out_dir: str | Path, batch_size: int = 1,
-                progress: bool | None = None, allow_outside_images: bool = False) -> dict[str, Any]:
+                progress: bool | None = None, allow_outside_images: bool = False,
+                max_pixels: int | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on a COCO dataset; writes out_dir/metrics.json and results.json; returns the metrics.
 
-    ``progress`` None shows a bar only when stderr is a terminal.
+    ``progress`` None shows a bar only when stderr is a terminal. ``max_pixels`` refuses, before any work, a
+    dataset with an image of more pixels (height x width, as the JSON gives them).
     """
     from maskrcnn.data import CocoDataset  # noqa: PLC0415
     from maskrcnn.engine.evaluator import Evaluator  # noqa: PLC0415
@@ -267,6 +269,15 @@ def evaluate_run(model: Any, data: str | Path, images: str | Path, out_dir: str 
         if not Path(path).exists():
             raise FileNotFoundError(f"{path}: {what} not found")
     dataset = CocoDataset(data, images, filter_empty=False, allow_outside_images=allow_outside_images)
+    if max_pixels is not None:
+        big = [dataset.get_image_info(i) for i in range(len(dataset))]
+        big = [im for im in big if int(im["width"]) * int(im["height"]) > max_pixels]
+        if big:
+            from maskrcnn.data.coco import DatasetError  # noqa: PLC0415
+
+            listed = ", ".join(f"id {im['id']} ({im['file_name']}, {im['width']}x{im['height']})" for im in big[:3])
+            raise DatasetError(f"{data}: {len(big)} images have more than --max-pixels {max_pixels} pixels: "
+                               f"{listed}{' ...' if len(big) > 3 else ''}; raise the limit or leave them out")
     if progress is None:
         progress = sys.stderr.isatty()  # a bar redrawn into a log file is noise
     ev = Evaluator.from_dataset(dataset, category_ids=label_category_ids(model, dataset), batch_size=batch_size,

@@ -87,26 +87,36 @@ def crop_to_rle(crop: np.ndarray, x0: int, y0: int, height: int, width: int) -> 
 
 
 class MaskCrops:
-    """N bool masks of an (H, W) image, each kept only over its window: memory grows with the boxes, not the image.
+    """N bool masks of an (H, W) image, each kept only over its window, compressed: memory follows the detections.
 
-    ``crops[i]`` is an (h_i, w_i) bool tensor whose top-left pixel is ``offsets[i] = (x0, y0)`` of the image;
-    everything outside it is False. :meth:`dense` builds the (N, H, W) tensor when it is really wanted. Used where
-    a (N, H, W) bool tensor is, it turns into one: torch functions, tensor methods and numpy conversion densify
-    it (``torch.equal(crops, t)``, ``crops.any(0)``, ``np.asarray(crops)``); indexing with an integer gives that
-    mask at full size, with a slice, index or bool tensor a MaskCrops of the selection.
+    Mask i is False outside an (h_i, w_i) window whose top-left pixel is ``offsets[i] = (x0, y0)``; the window
+    is held as a COCO run-length encoding of its own pixels (a few bytes per boundary pixel), and decoded one
+    mask at a time when wanted (:meth:`crop`, :meth:`mask`). :meth:`dense` builds the (N, H, W) tensor on
+    request. Used where an (N, H, W) bool tensor is, it turns into one: torch functions, tensor methods and
+    numpy conversion densify it (``torch.equal(crops, t)``, ``crops.any(0)``, ``np.asarray(crops)``); indexing
+    with an integer gives that mask at full size, with a slice, index or bool tensor a MaskCrops of the selection.
     """
 
-    def __init__(self, crops: list[torch.Tensor], offsets: torch.Tensor, image_size: tuple[int, int]) -> None:
-        """crops: N (h_i, w_i) bool tensors; offsets: (N, 2) int64 (x0, y0) pixels; image_size: (H, W)."""
-        if len(crops) != int(offsets.shape[0]):
-            raise ValueError(f"{len(crops)} crops but {int(offsets.shape[0])} offsets")
-        self.crops = list(crops)
+    def __init__(self, rles: list[dict[str, Any] | None], offsets: torch.Tensor, sizes: torch.Tensor,
+                 image_size: tuple[int, int]) -> None:
+        """rles: pycocotools RLEs of each window (None for an empty one); offsets (N, 2) int64 (x0, y0) and
+        sizes (N, 2) int64 (h, w) of the windows, in pixels; image_size: (H, W). See :meth:`from_crops`."""
+        if not len(rles) == int(offsets.shape[0]) == int(sizes.shape[0]):
+            raise ValueError(f"{len(rles)} windows, {int(offsets.shape[0])} offsets, {int(sizes.shape[0])} sizes")
+        self.rles = list(rles)
         self.offsets = offsets.reshape(-1, 2).to(torch.int64).cpu()
+        self.sizes = sizes.reshape(-1, 2).to(torch.int64).cpu()
         self.image_size = (int(image_size[0]), int(image_size[1]))
+
+    @classmethod
+    def from_crops(cls, crops: list[torch.Tensor], offsets: torch.Tensor, image_size: tuple[int, int]) -> MaskCrops:
+        """From N (h_i, w_i) bool windows and their (N, 2) (x0, y0) offsets in an (H, W) image."""
+        return cls([encode_window(c) for c in crops], offsets,
+                   torch.tensor([list(c.shape) for c in crops], dtype=torch.int64).reshape(-1, 2), image_size)
 
     def __len__(self) -> int:
         """Number of masks N."""
-        return len(self.crops)
+        return len(self.rles)
 
     @property
     def shape(self) -> torch.Size:
@@ -125,25 +135,43 @@ class MaskCrops:
 
     @property
     def device(self) -> torch.device:
-        """Where the crops live (CPU when there are none)."""
-        return self.crops[0].device if self.crops else torch.device("cpu")
+        """The CPU: the windows are held compressed in host memory."""
+        return torch.device("cpu")
 
     def dim(self) -> int:
         """3, as (N, H, W)."""
         return 3
 
+    def nbytes(self) -> int:
+        """Bytes held by the compressed windows (what memory the masks take)."""
+        return sum(len(r["counts"]) for r in self.rles if r is not None)
+
+    def crop(self, i: int) -> torch.Tensor:
+        """Window ``i``, decoded: (h_i, w_i) bool."""
+        rle = self.rles[i]
+        h, w = (int(v) for v in self.sizes[i])
+        if rle is None:
+            return torch.zeros((h, w), dtype=torch.bool)
+        return torch.from_numpy(mask_utils.decode(rle).astype(bool))
+
+    @property
+    def crops(self) -> list[torch.Tensor]:
+        """Every window decoded (N tensors of their box's size)."""
+        return [self.crop(i) for i in range(len(self))]
+
     def mask(self, i: int) -> torch.Tensor:
         """Mask ``i`` at full size: (H, W) bool."""
-        out = torch.zeros(self.image_size, dtype=torch.bool, device=self.device)
-        crop = self.crops[i]
+        out = torch.zeros(self.image_size, dtype=torch.bool)
+        crop = self.crop(i)
         x0, y0 = (int(v) for v in self.offsets[i])
         out[y0: y0 + crop.shape[0], x0: x0 + crop.shape[1]] = crop
         return out
 
     def dense(self) -> torch.Tensor:
         """All masks at full size: (N, H, W) bool (N x H x W bytes: only when really needed)."""
-        out = torch.zeros(self.shape, dtype=torch.bool, device=self.device)
-        for i, crop in enumerate(self.crops):
+        out = torch.zeros(self.shape, dtype=torch.bool)
+        for i in range(len(self)):
+            crop = self.crop(i)
             x0, y0 = (int(v) for v in self.offsets[i])
             out[i, y0: y0 + crop.shape[0], x0: x0 + crop.shape[1]] = crop
         return out
@@ -156,8 +184,8 @@ class MaskCrops:
             t = torch.as_tensor(index)
             picks = (torch.nonzero(t.cpu(), as_tuple=True)[0] if t.dtype == torch.bool else t.cpu().reshape(-1))
             picks = [int(v) for v in picks]
-        return MaskCrops([self.crops[i] for i in picks], self.offsets[picks] if picks else
-                         torch.zeros((0, 2), dtype=torch.int64), self.image_size)
+        idx = torch.tensor(picks, dtype=torch.int64)
+        return MaskCrops([self.rles[i] for i in picks], self.offsets[idx], self.sizes[idx], self.image_size)
 
     def __getitem__(self, index: Any) -> Any:
         """An int -> that (H, W) mask; a slice, list, index or bool tensor -> MaskCrops; tuples index dense()."""
@@ -173,16 +201,16 @@ class MaskCrops:
         """Each mask at full size, one at a time."""
         return (self.mask(i) for i in range(len(self)))
 
-    def to(self, *args: Any, **kwargs: Any) -> MaskCrops:
-        """The crops moved to another device (a dtype other than bool densifies, as a tensor's ``to`` would)."""
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        """Itself for a device move (the windows stay compressed on the host); another dtype densifies."""
         dense_dtype = next((a for a in (*args, kwargs.get("dtype")) if isinstance(a, torch.dtype)), None)
         if dense_dtype is not None and dense_dtype != torch.bool:
-            return self.dense().to(*args, **kwargs)  # type: ignore[return-value]
-        return MaskCrops([c.to(*args, **kwargs) for c in self.crops], self.offsets, self.image_size)
+            return self.dense().to(*args, **kwargs)
+        return self
 
     def cpu(self) -> MaskCrops:
-        """The crops on the CPU."""
-        return self.to("cpu")
+        """Itself: the windows are held on the host."""
+        return self
 
     def detach(self) -> MaskCrops:
         """Itself: bool masks carry no gradient."""
@@ -190,7 +218,7 @@ class MaskCrops:
 
     def numpy(self) -> np.ndarray:
         """:meth:`dense` as an (N, H, W) bool numpy array."""
-        return self.dense().cpu().numpy()
+        return self.dense().numpy()
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         """numpy's view of :meth:`dense`."""
@@ -199,19 +227,18 @@ class MaskCrops:
 
     def area(self) -> torch.Tensor:
         """Pixels of each mask: (N,) int64."""
-        return torch.tensor([int(c.sum()) for c in self.crops], dtype=torch.int64)
+        return torch.tensor([0 if r is None else int(mask_utils.area(r)) for r in self.rles], dtype=torch.int64)
 
     def to_rle(self) -> list[dict[str, Any]]:
-        """Compressed COCO RLEs (str counts) of every mask, built from the crops alone (:func:`crop_to_rle`)."""
+        """Compressed COCO RLEs (str counts) of every mask over the whole image, one window decoded at a time."""
         h, w = self.image_size
-        return [crop_to_rle(c.cpu().numpy(), int(x0), int(y0), h, w)
-                for c, (x0, y0) in zip(self.crops, self.offsets.tolist())]
+        return [crop_to_rle(self.crop(i).numpy(), int(x0), int(y0), h, w)
+                for i, (x0, y0) in enumerate(self.offsets.tolist())]
 
     def __repr__(self) -> str:
-        """One line: count, image size and the bytes the crops hold against the dense tensor's."""
-        held = sum(c.numel() for c in self.crops)
-        return f"MaskCrops({len(self)} masks of {self.image_size[0]}x{self.image_size[1]}, {held} of " \
-               f"{len(self) * self.image_size[0] * self.image_size[1]} pixels held)"
+        """One line: count, image size and the bytes held against the dense tensor's."""
+        return (f"MaskCrops({len(self)} masks of {self.image_size[0]}x{self.image_size[1]}, {self.nbytes()} bytes "
+                f"held for {len(self) * self.image_size[0] * self.image_size[1]} dense)")
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -221,12 +248,14 @@ class MaskCrops:
                 return x.dense()
             if isinstance(x, (list, tuple)):
                 return type(x)(densify(v) for v in x)
+            if isinstance(x, dict):
+                return {k: densify(v) for k, v in x.items()}
             return x
         return func(*densify(args), **densify(kwargs or {}))
 
     def __getattr__(self, name: str) -> Any:
         """Any other tensor attribute or method, of the dense tensor (``any``, ``sum``, ``float``, ...)."""
-        if name.startswith("__") or name in ("crops", "offsets", "image_size"):
+        if name.startswith("__") or name in ("rles", "offsets", "sizes", "image_size"):
             raise AttributeError(name)
         return getattr(self.dense(), name)
 
@@ -241,6 +270,13 @@ class MaskCrops:
     def __or__(self, other: Any) -> torch.Tensor:
         """dense() | other."""
         return self.dense() | (other.dense() if isinstance(other, MaskCrops) else other)
+
+
+def encode_window(crop: torch.Tensor) -> dict[str, Any] | None:
+    """pycocotools RLE (bytes counts) of an (h, w) bool window, or None when it holds no pixel at all."""
+    if crop.numel() == 0:
+        return None
+    return mask_utils.encode(np.asfortranarray(crop.detach().cpu().numpy().astype(np.uint8)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -409,17 +445,20 @@ def paste_masks_in_windows(masks: torch.Tensor, boxes: torch.Tensor, image_shape
 
 def paste_mask_crops(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int, int], mode: str = "legacy",
                      padding: int = 1, threshold: float = 0.5, threshold_inclusive: bool = False) -> MaskCrops:
-    """:func:`paste_masks_in_windows`'s bool masks kept as their windows: memory grows with the boxes, not the image.
+    """:func:`paste_masks_in_windows`'s bool masks kept as their compressed windows: memory follows the detections.
 
     ``MaskCrops.dense()`` equals ``paste_masks_in_windows(..., threshold=threshold)`` bit for bit.
     """
     n = masks.shape[0]
-    crops = [torch.zeros((0, 0), dtype=torch.bool, device=masks.device) for _ in range(n)]
-    offsets = [[0, 0] for _ in range(n)]
-    for i, (cx0, cy0, _, _), win in _paste_windows(masks, boxes, image_shape, mode, padding):
-        crops[i] = win >= threshold if threshold_inclusive else win > threshold
-        offsets[i] = [cx0, cy0]
-    return MaskCrops(crops, torch.tensor(offsets, dtype=torch.int64).reshape(n, 2), image_shape)
+    rles: list[dict[str, Any] | None] = [None] * n
+    offsets = torch.zeros((n, 2), dtype=torch.int64)
+    sizes = torch.zeros((n, 2), dtype=torch.int64)
+    for i, (cx0, cy0, cx1, cy1), win in _paste_windows(masks, boxes, image_shape, mode, padding):
+        # Compressed as soon as it is made: only one window of a mask is ever uncompressed.
+        rles[i] = encode_window(win >= threshold if threshold_inclusive else win > threshold)
+        offsets[i] = torch.tensor([cx0, cy0])
+        sizes[i] = torch.tensor([cy1 - cy0, cx1 - cx0])
+    return MaskCrops(rles, offsets, sizes, image_shape)
 
 
 def _paste_windows(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int, int], mode: str,
