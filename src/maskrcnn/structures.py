@@ -96,7 +96,7 @@ class Result:
         fmt = Image.registered_extensions().get(path.suffix.lower())
         if fmt is None:
             raise ValueError(f"{path}: unknown picture format {path.suffix!r}; use .png or .jpg")
-        picture = Image.fromarray(self.plot(image, **kwargs))
+        picture = self.plot(image, as_image=True, **kwargs)  # straight to PIL: no array copy of the picture
         return atomic_write(path, True, lambda f: picture.save(f, format=fmt))
 
     def to_coco(self, image_id: int, **extra: Any) -> list[dict[str, Any]]:

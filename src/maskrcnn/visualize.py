@@ -181,11 +181,14 @@ def draw_instances(
     show_boxes: bool = True,
     show_labels: bool = True,
     draw_contours: bool = True,
-) -> np.ndarray:
+    as_image: bool = False,
+) -> np.ndarray | Image.Image:
     """Draw N instances on ``image``: boxes (N, 4) XYXY px, masks (N, H, W) bool, N label strings -> (H, W, 3) uint8.
 
     ``colors`` gives one (R, G, B) 0..255 per instance (default: ``color_for(i)``). Instance 0 is drawn last, so
     with score-sorted input the best detection ends on top. Any of boxes / masks / labels_text may be None.
+    ``masks`` may be :class:`MaskCrops`, drawn from their windows. ``as_image`` returns the PIL image instead of
+    an array (one copy of a large picture fewer, for saving it).
     """
     out = to_hwc_uint8(image)
     height, width = out.shape[:2]
@@ -197,7 +200,7 @@ def draw_instances(
         if x is not None and len(x) != n:
             raise ValueError(f"{name} has {len(x)} entries, expected {n}")
     if n == 0:
-        return out
+        return Image.fromarray(out) if as_image else out
     if mask_arr is not None and tuple(mask_arr.shape[1:]) != (height, width):
         raise ValueError(f"masks are {tuple(mask_arr.shape[1:])}, the image is {(height, width)}")
     cols = [tuple(int(v) for v in c) for c in colors] if colors is not None else [color_for(i) for i in range(n)]
@@ -240,8 +243,9 @@ def draw_instances(
             out[b0:b1] = np.clip(np.rint(band), 0, 255).astype(np.uint8)
 
     if not ((show_boxes and box_arr is not None) or (show_labels and labels_text is not None)):
-        return out
+        return Image.fromarray(out) if as_image else out
     pil = Image.fromarray(out)
+    del out  # PIL holds its own copy now; a 12000x9000 picture is 0.3 GB
     draw = ImageDraw.Draw(pil)
     if show_boxes and box_arr is not None:
         for i in order:
@@ -265,7 +269,7 @@ def draw_instances(
             rect = _label_rect((right - left, bottom - top), pad, ref, height, width)
             draw.rectangle(rect, fill=cols[i])
             draw.text((rect[0] + pad - left, rect[1] + pad - top), text, fill=text_color_for(cols[i]), font=font)
-    return np.asarray(pil).copy()
+    return pil if as_image else np.array(pil)
 
 
 def _instance_crop(masks: np.ndarray | MaskCrops, i: int) -> tuple[int, int, np.ndarray] | None:
@@ -302,8 +306,10 @@ def draw_result(
     alpha: float = 0.5,
     line_width: int | None = None,
     font_size: int | None = None,
-) -> np.ndarray:
-    """Overlay of ``result``'s detections with score >= ``score_threshold`` on ``image``: (H, W, 3) uint8 RGB.
+    as_image: bool = False,
+) -> np.ndarray | Image.Image:
+    """Overlay of ``result``'s detections with score >= ``score_threshold`` on ``image``: (H, W, 3) uint8 RGB
+    (a PIL image with ``as_image``).
 
     ``image`` is (H, W, 3) uint8 numpy, a (3, H, W) uint8 or [0, 1] float tensor, or a path. Labels read
     "name 0.93". Colours follow each detection's index in the unfiltered result, so they stay put when the
@@ -323,7 +329,7 @@ def draw_result(
     boxes = _as_numpy(result.boxes, np.float64).reshape(-1, 4)[keep]
     return draw_instances(image, boxes, masks, texts, colors=[color_for(i) for i in keep], alpha=alpha,
                           line_width=line_width, font_size=font_size, show_masks=show_masks,
-                          show_boxes=show_boxes, show_labels=show_labels)
+                          show_boxes=show_boxes, show_labels=show_labels, as_image=as_image)
 
 
 def _safe_name(name: str) -> str:

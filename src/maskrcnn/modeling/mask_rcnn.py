@@ -198,8 +198,17 @@ class MaskRCNN(nn.Module):
         """
         bgr = self.cfg.input.pixel_format == "bgr255"
         if channel is not None:
+            # One plane, normalised in place on its own float copy: the same operations as below, element by
+            # element, with one full-resolution float plane alive instead of three.
             src = image.shape[0] - 1 - channel if bgr else channel
-            image = image[src: src + 1]
+            plane = image[src: src + 1].to(self.pixel_mean.dtype, copy=True)
+            if image.dtype == torch.uint8 and not bgr:
+                plane.div_(255)
+            elif image.dtype != torch.uint8 and bgr:
+                plane.mul_(255.0)
+            mean = self.pixel_mean[channel: channel + 1].to(plane.dtype)
+            std = self.pixel_std[channel: channel + 1].to(plane.dtype)
+            return plane.sub_(mean[:, None, None]).div_(std[:, None, None])
         if bgr:
             dtype = self.pixel_mean.dtype
             image = image.to(dtype) if image.dtype == torch.uint8 else image.to(dtype) * 255.0
@@ -209,8 +218,6 @@ class MaskRCNN(nn.Module):
             image = self.to_float(image)
         mean = self.pixel_mean.to(image.dtype)
         std = self.pixel_std.to(image.dtype)
-        if channel is not None:
-            mean, std = mean[channel: channel + 1], std[channel: channel + 1]
         return (image - mean[:, None, None]) / std[:, None, None]
 
     def batch_images(self, images: list[Tensor]) -> Tensor:
