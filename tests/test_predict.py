@@ -249,7 +249,10 @@ def test_interrupted_run_keeps_the_finished_images_as_valid_json(tmp_path: Path)
     with pytest.raises(KeyboardInterrupt):
         Predictor(_InterruptedModel(stop_at=4), progress=False).run([tmp_path / "in"], tmp_path / "out")
     _check_interrupted_outputs(tmp_path / "out", finished=3)
+    stale = tmp_path / "out" / ".predictions.json.k2j4h5g6.tmp"  # as a SIGKILL mid-write leaves it
+    stale.write_text("[{")
     done = Predictor(StubModel(), progress=False).run([tmp_path / "in"], tmp_path / "out")
+    assert not stale.exists()
     assert json.loads(done.images_json.read_text())["complete"] is True
 
 

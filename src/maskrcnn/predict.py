@@ -32,7 +32,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from maskrcnn.atomic import atomic_write, atomic_write_json
+from maskrcnn.atomic import atomic_write, atomic_write_json, remove_stale_temp
 from maskrcnn.io import ImageReadError, list_images, prefetch, read_image, read_image_size, to_chw_tensor
 from maskrcnn.modeling.timing import stage
 from maskrcnn.structures import Result, results_to_coco
@@ -282,6 +282,8 @@ class Predictor:
         stems = self._overlay_stems(paths, out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         json_path.parent.mkdir(parents=True, exist_ok=True)
+        for folder in {out_dir, json_path.parent, out_dir / MASKS_DIR}:
+            remove_stale_temp(folder)  # left by a run killed while writing
 
         image_infos: list[dict[str, Any]] = []
         n_records = 0

@@ -268,6 +268,9 @@ def evaluate_run(model: Any, data: str | Path, images: str | Path, out_dir: str 
     for path, what in ((data, "annotations"), (images, "image folder")):
         if not Path(path).exists():
             raise FileNotFoundError(f"{path}: {what} not found")
+    from maskrcnn.atomic import remove_stale_temp  # noqa: PLC0415
+
+    remove_stale_temp(out_dir)  # left by an evaluation killed while writing its JSON
     dataset = CocoDataset(data, images, filter_empty=False, allow_outside_images=allow_outside_images)
     if max_pixels is not None:
         big = [dataset.get_image_info(i) for i in range(len(dataset))]
