@@ -27,6 +27,18 @@ def _fixtures_root() -> Path:
     return Path(os.environ.get("MASKRCNN_FIXTURES", _shared_root() / "fixtures"))
 
 
+def shared_path(*parts: str) -> Path:
+    """``../shared/<parts>`` (or under $MASKRCNN_SHARED); skips, or fails under MASKRCNN_REQUIRE_FIXTURES, when absent.
+
+    Every test that reads ../shared goes through here (or the fixtures below), so CI cannot lose a real-data
+    test to a skip.
+    """
+    path = _shared_root().joinpath(*parts)
+    if not path.exists():
+        _missing(f"shared data not found at {path} (set MASKRCNN_SHARED)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """../shared beside the checkout (or $MASKRCNN_SHARED); skips when absent."""

@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from maskrcnn.config import BackboneConfig, FPNConfig
 from maskrcnn.modeling.backbone import FrozenBatchNorm2d, ResNet
@@ -100,16 +99,29 @@ def test_widths_groups_and_dilation_follow_the_config() -> None:
 
 @pytest.mark.parametrize("size", [(10, 14), (9, 13)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_add_upsampled_equals_interpolate_and_add(size: tuple[int, int], channels_last: bool) -> None:
-    """The in-place broadcast over 2x2 blocks gives the bits of torchvision's ``x + interpolate(top)``."""
+def test_add_upsampled_is_x_plus_nearest_upsampling(size: tuple[int, int], channels_last: bool) -> None:
+    """``add_upsampled_`` against nearest upsampling written out here (source row floor(i * h / H)), in place
+    outside autograd and out of place, with gradients, inside it."""
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(2, 8, 20, 28).contiguous(memory_format=fmt)
+    big_h, big_w = 20, 28
+    x = torch.randn(2, 8, big_h, big_w).contiguous(memory_format=fmt)
     top = torch.randn(2, 8, *size).contiguous(memory_format=fmt)
-    expected = x + F.interpolate(top, size=(20, 28), mode="nearest")
+    rows = torch.arange(big_h) * size[0] // big_h
+    cols = torch.arange(big_w) * size[1] // big_w
+    expected = x + top[:, :, rows][:, :, :, cols]
     with torch.no_grad():
-        out = add_upsampled_(x.clone(), top)
+        target = x.clone()
+        out = add_upsampled_(target, top)
     assert torch.equal(out, expected)
+    assert out.data_ptr() == target.data_ptr()  # in place: no second feature map
     x.requires_grad_(True)
-    assert torch.equal(add_upsampled_(x, top), expected)  # autograd: out of place, x untouched
-    assert x.grad_fn is None
+    top.requires_grad_(True)
+    out = add_upsampled_(x, top)
+    assert torch.equal(out, expected) and out.data_ptr() != x.data_ptr()
+    out.sum().backward()
+    # Each top pixel feeds every output pixel it was copied to.
+    counts = torch.zeros(size)
+    counts.index_put_((rows[:, None].expand(-1, big_w), cols[None, :].expand(big_h, -1)), torch.ones(big_h, big_w),
+                      accumulate=True)
+    assert torch.equal(top.grad[0, 0], counts) and torch.equal(x.grad, torch.ones_like(x))

@@ -181,3 +181,20 @@ def test_import_turns_on_huge_pages_for_torch_unless_set(preset: str | None, exp
     code = "import os, maskrcnn; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+def test_large_image_task_runs_predict_and_eval_at_two_sizes() -> None:
+    """Smoke test of the large_image scenario at toy sizes (its figures are a benchmark's, not a test's)."""
+    import dataclasses
+
+    settings = dataclasses.replace(TINY, tasks=("large_image",), modes=("fast", "naive"), large_size=(240, 320),
+                                   large_model="r18_fpn", large_test_size=(64, 96), count_flops=False, seed=5)
+    report = bench.run_benchmarks(settings)
+    figs = report["results"]["fast"]["large_image"]
+    assert list(figs) == ["predict@240x320", "predict@64x96", "eval@240x320", "eval@64x96"]
+    assert report["results"]["naive"]["large_image"] == {}  # fast mode only
+    for key, fig in figs.items():
+        assert fig["detections"] == 10 and fig["peak_rss_mb"] > 0, key
+        assert fig["dense_masks_mb"] == pytest.approx(10 * fig["image"][1] * fig["image"][2] / 2**20)
+    text = bench.format_report(report)
+    assert "large images (r18_fpn" in text and "(baseline)" in text and "eval@240x320" in text

@@ -61,3 +61,73 @@ def test_yaml_file_with_preset_and_errors(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="unknown preset"):
         get_preset("nope")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.num_classes=-3", "config key 'model.num_classes' must be >= 1, got -3"),
+    ("input.flip_prob=7", "config key 'input.flip_prob' must be in [0, 1], got 7.0"),
+    ("solver.base_lr=-1", "config key 'solver.base_lr' must be > 0, got -1.0"),
+    ("solver.ims_per_batch=0", "config key 'solver.ims_per_batch' must be >= 1, got 0"),
+    ("solver.base_lr=.nan", "config key 'solver.base_lr' must be > 0, got nan"),
+    ("input.min_size_train=[640,0]", "each item of config key 'input.min_size_train' must be >= 1, got (640, 0)"),
+    ("model.backbone.depth=42", "config key 'model.backbone.depth' must be one of 18, 34, 50, 101, 152, got 42"),
+    ("solver.momentum=1", "config key 'solver.momentum' must be in [0, 1), got 1.0"),
+    ("model.rpn.bg_iou_thresh=0.8", "model.rpn.bg_iou_thresh=0.8 must be <= model.rpn.fg_iou_thresh=0.7"),
+    ("solver.steps=[800,400]", "config key 'solver.steps' must be in increasing order"),
+    ("train.max_bad_image_fraction=2", "config key 'train.max_bad_image_fraction' must be in [0, 1], got 2.0"),
+    ("train.patience=-1", "config key 'train.patience' must be >= 0, got -1"),
+    ("model.box_head.min_box_size=-1", "config key 'model.box_head.min_box_size' must be >= 0, got -1.0"),
+])
+def test_values_out_of_range_are_refused(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(get_preset("torchvision_v1"), [override])
+    assert message in str(info.value)
+
+
+def test_every_numeric_field_has_a_range_that_its_defaults_and_presets_meet() -> None:
+    import dataclasses
+
+    from maskrcnn.config import FIELD_RANGES, numeric_fields
+
+    sections = []
+
+    def walk(cls: type) -> None:
+        sections.append(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                walk(type(default))
+
+    walk(Config)
+    missing = [f"{cls.__name__}.{name}" for cls in sections for name in numeric_fields(cls)
+               if f"{cls.__name__}.{name}" not in FIELD_RANGES]
+    assert not missing, f"numeric config fields without a range in FIELD_RANGES: {missing}"
+    assert len(FIELD_RANGES) > 80 and not [k for k in FIELD_RANGES if k.split(".")[0] not in
+                                           {c.__name__ for c in sections}]
+    for name in PRESETS:
+        get_preset(name)  # validated when made
+
+
+def test_bad_values_in_yaml_replace_and_saved_models(tmp_path: Path) -> None:
+    import dataclasses
+    import json
+
+    from maskrcnn.weights import WeightsError, load_model
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("preset: r18_fpn_demo\nsolver:\n  base_lr: -0.5\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: config key 'solver\.base_lr' must be > 0, got -0\.5"):
+        load_config(path)
+    cfg = get_preset("r18_fpn_demo")
+    with pytest.raises(ConfigError, match="'train.seed' must be >= 0"):
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=-1))
+    from maskrcnn.modeling.mask_rcnn import MaskRCNN
+    from maskrcnn.weights import save_model
+
+    save_model(MaskRCNN(cfg), tmp_path / "model")
+    data = json.loads((tmp_path / "model" / "config.json").read_text())
+    data["model"]["box_head"]["detections_per_img"] = 0
+    (tmp_path / "model" / "config.json").write_text(json.dumps(data))
+    with pytest.raises(WeightsError, match=r"config\.json: config key 'model\.box_head\.detections_per_img' must be "
+                                           r">= 1, got 0"):
+        load_model(tmp_path / "model")

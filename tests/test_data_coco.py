@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import uncompressed_rle
+from conftest import shared_path, uncompressed_rle
 from PIL import Image
 
 from maskrcnn.data.coco import CocoDataset, DatasetError
@@ -18,20 +17,20 @@ from maskrcnn.data.transforms import Compose, RandomHorizontalFlip
 from maskrcnn.io import ImageReadError
 from maskrcnn.ops.masks import encode_rle
 
-SHARED = Path(os.environ.get("MASKRCNN_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared"))
-COCO128 = SHARED / "datasets" / "coco128"
-LABELME = SHARED / "datasets" / "labelme-example"
-needs_coco128 = pytest.mark.skipif(not COCO128.is_dir(), reason="shared coco128 dataset not available")
-needs_labelme = pytest.mark.skipif(not LABELME.is_dir(), reason="shared labelme example not available")
 
 
 @pytest.fixture(scope="module")
-def coco128() -> CocoDataset:
-    return CocoDataset(COCO128 / "annotations" / "instances_train2017.json", COCO128 / "train2017")
+def coco128_dir() -> Path:
+    """../shared/datasets/coco128 (skips, or fails under MASKRCNN_REQUIRE_FIXTURES, when absent)."""
+    return shared_path("datasets", "coco128")
 
 
-@needs_coco128
-def test_coco128_index(coco128):
+@pytest.fixture(scope="module")
+def coco128(coco128_dir: Path) -> CocoDataset:
+    return CocoDataset(coco128_dir / "annotations" / "instances_train2017.json", coco128_dir / "train2017")
+
+
+def test_coco128_index(coco128, coco128_dir):
     ds = coco128
     assert len(ds) == 126  # 2 of the 128 images have no annotation
     assert ds.num_classes == 80 and ds.category_ids == sorted(ds.category_ids)
@@ -54,11 +53,10 @@ def test_coco128_index(coco128):
     assert ds.image_ids[0] == info["id"]
     # The pycocotools object for evaluation keeps everything, crowd regions included.
     assert len(ds.coco.getAnnIds()) == 939 and len(ds.coco.getAnnIds(iscrowd=True)) == 10
-    assert len(CocoDataset(COCO128 / "annotations" / "instances_train2017.json", COCO128 / "train2017",
+    assert len(CocoDataset(coco128_dir / "annotations" / "instances_train2017.json", coco128_dir / "train2017",
                            filter_empty=False)) == 128
 
 
-@needs_coco128
 def test_coco128_sample(coco128):
     ds = coco128
     crowd_img = next(i for i in range(len(ds))
@@ -86,9 +84,8 @@ def test_coco128_sample(coco128):
     assert torch.equal(image, image2) and torch.equal(target["masks"], target2["masks"])
 
 
-@needs_coco128
-def test_category_subset():
-    ds = CocoDataset(COCO128 / "annotations" / "instances_train2017.json", COCO128 / "train2017",
+def test_category_subset(coco128_dir):
+    ds = CocoDataset(coco128_dir / "annotations" / "instances_train2017.json", coco128_dir / "train2017",
                      category_ids=[3, 1])
     assert ds.category_ids == [3, 1] and ds.class_names == ["car", "person"]
     assert ds.category_to_label(3) == 1 and ds.label_to_category(2) == 1
@@ -97,13 +94,12 @@ def test_category_subset():
     assert sum(lab == 2 for anns in ds._anns for _, lab, _ in anns) == 259 - sum(  # persons minus crowd ones
         1 for a in ds.coco.dataset["annotations"] if a["category_id"] == 1 and a["iscrowd"])
     with pytest.raises(DatasetError, match="999"):
-        CocoDataset(COCO128 / "annotations" / "instances_train2017.json", COCO128 / "train2017",
+        CocoDataset(coco128_dir / "annotations" / "instances_train2017.json", coco128_dir / "train2017",
                     category_ids=[1, 999])
 
 
-@needs_labelme
 def test_labelme_coco_multi_polygon_instances():
-    root = LABELME / "data_dataset_coco"
+    root = shared_path("datasets", "labelme-example", "data_dataset_coco")
     ds = CocoDataset(root / "annotations.json", root)
     assert len(ds) == 3 and sum(len(a) for a in ds._anns) == 12
     assert ds.class_names[:2] == ["_background_", "aeroplane"]  # labelme writes a background category (id 0)
@@ -255,3 +251,28 @@ def test_bad_images(tmp_path, case):
     with pytest.raises((ImageReadError, DatasetError)) as info:
         ds[0]
     assert str(tmp_path / "img.png") in str(info.value)
+
+
+def test_non_finite_and_absurd_polygons_dropped_with_a_counted_warning(tmp_path):
+    nan, inf = float("nan"), float("inf")
+    anns = [
+        GOOD,
+        _poly_ann(2, 1, [1, 1, nan, 1, 5, 5], bbox=[1, 1, 4, 4]),  # NaN: the whole instance goes
+        _poly_ann(3, 1, [1, 1, inf, 1, 5, 5], bbox=[1, 1, 4, 4]),  # infinite
+        _poly_ann(4, 1, [1, 1, 5e9, 1, 5, 5], bbox=[1, 1, 4, 4]),  # far outside a 16x12 image
+        {**_poly_ann(5, 1, [1, 1, 5, 1, 5, 5], bbox=[1, 1, 4, 4]),
+         "segmentation": [[1, 1, 5, 1, 5, 5], [1, nan, 4, 4, 5, 5]]},  # one good part: kept without the bad one
+        _poly_ann(6, 1, [-3, 1, W + 3, 1, 5, H + 2], bbox=[0, 1, W, H - 1]),  # a little outside: clipped, kept
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = CocoDataset(_write_dataset(tmp_path, anns), tmp_path)
+    assert len(caught) == 1
+    msg = str(caught[0].message)
+    assert "NaN or infinite" in msg and "absurd" in msg
+    assert ds.dropped["annotations whose polygons are all unusable (polygon parts with NaN or infinite "
+                      "coordinates)"] == 2
+    assert sum(n for why, n in ds.dropped.items() if "absurd" in why) == 1
+    assert ds.dropped["polygon parts with NaN or infinite coordinates (instance kept)"] == 1
+    _, t = ds[0]
+    assert len(t["labels"]) == 3 and int(t["masks"].sum()) > 0

@@ -312,3 +312,15 @@ def test_format_tables():
     pc = ev.format_per_class_table(m, columns=1)
     assert "traffic light" in pc and "45.0" in pc and "-" in pc.splitlines()[-1]
     assert len(ev.format_per_class_table(m, columns=2).splitlines()) == 3
+
+
+def test_results_json_is_replaced_whole_or_not_at_all(tmp_path):
+    writer = ev.CocoResultWriter()
+    writer.add_records([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2], "score": 0.9}], 1)
+    path = writer.write(tmp_path / "results.json")
+    before = path.read_text()
+    writer.add_records([{"image_id": 2, "category_id": 1, "bbox": [0, 0, 2, 2], "score": object()}], 2)
+    with pytest.raises(TypeError):
+        writer.write(path)  # fails after part of the list was serialised
+    assert path.read_text() == before and json.loads(before)[0]["image_id"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]

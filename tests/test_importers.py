@@ -3,33 +3,35 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_path
 from PIL import Image
 
 from maskrcnn.data.coco import CocoDataset
 from maskrcnn.data.importers import AnnotationImportError, labelme_to_coco, yolo_to_coco
 from maskrcnn.ops.masks import segmentation_to_bitmap
 
-SHARED = Path(os.environ.get("MASKRCNN_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared"))
-LABELME = SHARED / "datasets" / "labelme-example"
+
+@pytest.fixture(scope="module")
+def labelme_example() -> Path:
+    """../shared/datasets/labelme-example (skips, or fails under MASKRCNN_REQUIRE_FIXTURES, when absent)."""
+    return shared_path("datasets", "labelme-example")
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum()) / max(float((a | b).sum()), 1.0)
 
 
-@pytest.mark.skipif(not LABELME.is_dir(), reason="shared labelme example not available")
-def test_labelme_matches_labelme_coco(tmp_path):
+def test_labelme_matches_labelme_coco(tmp_path, labelme_example):
     out = tmp_path / "coco.json"
-    counts = labelme_to_coco(LABELME / "data_annotated", out, LABELME / "labels.txt")
+    counts = labelme_to_coco(labelme_example / "data_annotated", out, labelme_example / "labels.txt")
     assert counts["images"] == 3 and counts["annotations"] == 12 and counts["categories"] == 20
     assert counts["skipped"] == {"__ignore__ shapes": 2}
     ours = json.loads(out.read_text())
-    ref = json.loads((LABELME / "data_dataset_coco" / "annotations.json").read_text())
+    ref = json.loads((labelme_example / "data_dataset_coco" / "annotations.json").read_text())
 
     ref_cats = {c["name"]: c["id"] for c in ref["categories"] if c["name"] != "_background_"}
     assert {c["name"]: c["id"] for c in ours["categories"]} == ref_cats
@@ -61,7 +63,7 @@ def test_labelme_matches_labelme_coco(tmp_path):
             assert best["area"] == pytest.approx(r["area"], rel=0.1)
             assert np.allclose(best["bbox"], r["bbox"], atol=2.5)
         assert not unmatched
-    ds = CocoDataset(out, LABELME / "data_annotated")
+    ds = CocoDataset(out, labelme_example / "data_annotated")
     assert len(ds) == 3 and ds.class_names[14] == "person"
     image, target = ds[0]
     assert image.shape == (3, 338, 500) and len(target["labels"]) == 3

@@ -14,6 +14,7 @@ from maskrcnn.modeling import mask_rcnn as model_mod
 from maskrcnn.io import to_chw_float
 from maskrcnn.modeling.mask_rcnn import LOSS_KEYS, MaskRCNN, resize_boxes
 from maskrcnn.predict import Predictor
+from maskrcnn.structures import Result
 
 
 def tiny_config(num_classes: int = 2) -> Config:
@@ -242,3 +243,49 @@ def test_bf16_inference_is_opt_in_and_returns_float32(monkeypatch: pytest.Monkey
         model.optimize(amp="int8")
     with pytest.raises(ValueError, match="fast path"):
         model.optimize(False, amp="bf16")
+
+
+@pytest.mark.parametrize("pixel_format", ["rgb01", "bgr255"])
+def test_preprocessing_one_channel_at_a_time_is_bit_identical(pixel_format: str) -> None:
+    """normalize + resize per channel gives the bits of the three-channel pass (which is the parity path)."""
+    from maskrcnn.config import DETECTRON2_PIXEL_MEAN_BGR, DETECTRON2_PIXEL_STD_MSRA
+    from maskrcnn.modeling.mask_rcnn import resize_image
+
+    cfg = tiny_config()
+    if pixel_format == "bgr255":
+        cfg = dataclasses.replace(cfg, input=dataclasses.replace(
+            cfg.input, pixel_format="bgr255", pixel_mean=DETECTRON2_PIXEL_MEAN_BGR, pixel_std=DETECTRON2_PIXEL_STD_MSRA))
+    model = MaskRCNN(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    for h, w in ((333, 517), (480, 640), (61, 1000)):
+        img = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).permute(2, 0, 1)  # a numpy-like view
+        for src in (img, img.float() / 255):
+            whole = model.normalize(src)
+            for c in range(3):
+                assert torch.equal(model.normalize(src, channel=c), whole[c:c + 1])
+            batch, sizes = model.preprocess([src], resize=True)
+            expected = resize_image(whole, model.min_size_test, model.max_size_test)
+            assert sizes == [tuple(expected.shape[-2:])]
+            assert torch.equal(batch[0, :, :sizes[0][0], :sizes[0][1]], expected)
+
+
+def test_masks_are_kept_as_crops_of_their_boxes() -> None:
+    """Results hold each mask over its box's window only: memory follows the detections, not the image."""
+    from maskrcnn.ops.masks import MaskCrops
+
+    torch.manual_seed(0)
+    model = MaskRCNN(tiny_config()).eval()
+    big = torch.zeros(3, 1200, 1600, dtype=torch.uint8)
+    big[:, 300:700, 400:900] = 200
+    (r,) = Predictor(model).predict(big, score_threshold=0.0)
+    assert isinstance(r.masks, MaskCrops) and r.masks.shape == (len(r), 1200, 1600) and len(r) > 5
+    window_px = int(r.masks.sizes.prod(1).sum())
+    box_area = float(((r.boxes[:, 2] - r.boxes[:, 0] + 4) * (r.boxes[:, 3] - r.boxes[:, 1] + 4)).sum())
+    assert window_px <= box_area * 1.2
+    assert r.masks.nbytes() < 0.01 * len(r) * 1200 * 1600  # compressed: far below a byte per pixel
+    # With soft masks asked for, the same path pastes dense masks: the crops hold exactly those.
+    (dense,) = model.detect([big], score_threshold=0.0, soft_masks=True)
+    assert isinstance(dense["masks"], torch.Tensor) and torch.equal(r.masks.dense(), dense["masks"])
+    ref = Result(dense["boxes"], dense["scores"], dense["labels"], dense["masks"], image_size=(1200, 1600),
+                 class_names_table=r.class_names_table)
+    assert r.to_coco(1) == ref.to_coco(1)  # RLE from the crops = RLE of the dense masks

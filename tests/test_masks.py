@@ -10,6 +10,7 @@ from conftest import assert_close_f32, uncompressed_rle
 from maskrcnn.ops.masks import (
     encode_rle,
     paste_masks,
+    paste_masks_in_windows,
     polygons_to_bitmap,
     rle_to_bitmap,
     roi_mask_targets,
@@ -81,3 +82,50 @@ def test_roi_mask_targets_crop_and_resize() -> None:
     # Legacy RoIAlign (aligned=False) samples half a pixel late, so the last row/column reaches past the object.
     assert torch.all(t[0, :-1, :-1] > 0.99) and 0.0 < t[0, -1, -1] < 0.5
     assert torch.all(t[1, :, :13] > 0.99) and torch.all(t[1, :, 14:] < 0.01)  # left half only
+
+
+def _random_boxes(g: torch.Generator, n: int, h: int, w: int) -> torch.Tensor:
+    """Boxes inside, across the border of and outside an (h, w) image, some tiny."""
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 1.4, h * 1.4]) - torch.tensor([w * 0.2, h * 0.2])
+    wh = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6]) + 0.5
+    return torch.cat([xy, xy + wh], 1)
+
+
+def test_mask_crops_equal_the_windowed_paste() -> None:
+    from maskrcnn.ops.masks import paste_mask_crops
+
+    g = torch.Generator().manual_seed(0)
+    h, w = 61, 90
+    for mode, inclusive in (("legacy", False), ("grid_sample", True)):
+        masks = torch.rand(40, 1, 28, 28, generator=g)
+        boxes = _random_boxes(g, 40, h, w)
+        dense = paste_masks_in_windows(masks, boxes, (h, w), mode, 1, threshold=0.5, threshold_inclusive=inclusive)
+        crops = paste_mask_crops(masks, boxes, (h, w), mode, 1, threshold=0.5, threshold_inclusive=inclusive)
+        assert crops.shape == (40, h, w) and torch.equal(crops.dense(), dense)
+        # Memory: each window is at most its (grown) box, and it is held compressed.
+        assert int(crops.sizes.prod(1).sum()) < 0.5 * dense.numel() and crops.nbytes() < 0.05 * dense.numel()
+        for i in (0, 7, 39):
+            assert torch.equal(crops[i], dense[i])
+        keep = torch.arange(40) % 3 == 0
+        assert torch.equal(crops[keep].dense(), dense[keep]) and torch.equal(crops[5:9].dense(), dense[5:9])
+        assert torch.equal(crops.select(torch.tensor([3, 1])).dense(), dense[[3, 1]])
+        # Used as a tensor, it is the dense tensor.
+        assert torch.equal(crops, dense) and torch.equal(crops.any(0), dense.any(0))
+        assert np.array_equal(np.asarray(crops), dense.numpy()) and torch.equal(crops.area(), dense.sum((1, 2)))
+        assert crops.to_rle() == encode_rle(dense)
+    empty = paste_mask_crops(torch.rand(0, 1, 28, 28), torch.zeros(0, 4), (5, 6))
+    assert empty.shape == (0, 5, 6) and empty.dense().shape == (0, 5, 6) and empty.to_rle() == []
+
+
+def test_crop_to_rle_matches_pycocotools_on_the_dense_mask() -> None:
+    from maskrcnn.ops.masks import crop_to_rle
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        big_h, big_w = int(rng.integers(1, 16)), int(rng.integers(1, 16))
+        h, w = int(rng.integers(0, big_h + 1)), int(rng.integers(0, big_w + 1))
+        y0, x0 = int(rng.integers(0, big_h - h + 1)), int(rng.integers(0, big_w - w + 1))
+        crop = rng.random((h, w)) < rng.random()
+        full = np.zeros((big_h, big_w), bool)
+        full[y0:y0 + h, x0:x0 + w] = crop
+        assert crop_to_rle(crop, x0, y0, big_h, big_w) == encode_rle(full[None])[0]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shared_path
 
 from maskrcnn.config import apply_overrides, get_preset
 from maskrcnn.data import CocoDataset, build_transforms
@@ -44,8 +45,8 @@ def _subset(coco128: Path, out: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_overfit_a_few_coco128_images(shared_dir: Path, tmp_path: Path) -> None:
-    coco128 = shared_dir / "datasets" / "coco128"
+def test_overfit_a_few_coco128_images(tmp_path: Path) -> None:
+    coco128 = shared_path("datasets", "coco128")
     ann = _subset(coco128, tmp_path)
     images = coco128 / "train2017"
     cfg = apply_overrides(get_preset("r18_fpn_demo"), {

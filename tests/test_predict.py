@@ -219,3 +219,93 @@ def test_cli_fast_math_predicts_like_the_exact_path(fixtures_dir: Path, fixture_
     assert len(exact) == len(fast) > 0
     assert [r["category_id"] for r in exact] == [r["category_id"] for r in fast]
     np.testing.assert_allclose([r["bbox"] for r in fast], [r["bbox"] for r in exact], atol=0.05)
+
+
+class _InterruptedModel(StubModel):
+    """A StubModel whose ``stop_at``-th detect call is interrupted as by Ctrl-C."""
+
+    def __init__(self, stop_at: int) -> None:
+        super().__init__()
+        self.stop_at = stop_at
+
+    def detect(self, images, score_threshold=None, soft_masks=False):
+        if self.calls + 1 == self.stop_at:
+            raise KeyboardInterrupt
+        return super().detect(images, score_threshold, soft_masks)
+
+
+def _check_interrupted_outputs(out: Path, finished: int) -> None:
+    records = json.loads((out / "predictions.json").read_text())
+    index = json.loads((out / "images.json").read_text())
+    assert index["complete"] is False and len(index["images"]) == finished
+    assert sorted({r["image_id"] for r in records}) == [im["id"] for im in index["images"]]
+    assert len(records) == sum(im["num_detections"] for im in index["images"])
+    assert not list(out.glob("*.partial.jsonl")) and not list(out.glob(".*.tmp"))
+
+
+def test_interrupted_run_keeps_the_finished_images_as_valid_json(tmp_path: Path) -> None:
+    for i in range(6):
+        _write_png(tmp_path / "in" / f"{i}.png")
+    with pytest.raises(KeyboardInterrupt):
+        Predictor(_InterruptedModel(stop_at=4), progress=False).run([tmp_path / "in"], tmp_path / "out")
+    _check_interrupted_outputs(tmp_path / "out", finished=3)
+    stale = tmp_path / "out" / ".predictions.json.k2j4h5g6.tmp"  # as a SIGKILL mid-write leaves it
+    stale.write_text("[{")
+    done = Predictor(StubModel(), progress=False).run([tmp_path / "in"], tmp_path / "out")
+    assert not stale.exists()
+    assert json.loads(done.images_json.read_text())["complete"] is True
+
+
+SIGINT_SCRIPT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from test_predict import StubModel
+from maskrcnn.predict import Predictor
+
+class Slow(StubModel):
+    def detect(self, images, score_threshold=None, soft_masks=False):
+        time.sleep(0.3)
+        return super().detect(images, score_threshold, soft_masks)
+
+print("started", flush=True)
+Predictor(Slow(), progress=False).run([{src!r}], {out!r})
+"""
+
+
+def test_sigint_during_predict_leaves_valid_json(tmp_path: Path) -> None:
+    """A real Ctrl-C (SIGINT) to a running predict process: the finished images' records survive as JSON."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    for i in range(40):
+        _write_png(tmp_path / "in" / f"{i:02d}.png")
+    out = tmp_path / "out"
+    script = SIGINT_SCRIPT.format(tests=str(Path(__file__).parent), src=str(tmp_path / "in"), out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("*.png"))) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    index = json.loads((out / "images.json").read_text())
+    assert 3 <= len(index["images"]) < 40
+    _check_interrupted_outputs(out, finished=len(index["images"]))
+
+
+def test_max_pixels_refuses_large_images_with_a_clear_message(tmp_path: Path, capsys) -> None:
+    from maskrcnn.predict import ImageTooLargeError
+
+    _write_png(tmp_path / "in" / "small.png", 20, 30)
+    _write_png(tmp_path / "in" / "big.png", 40, 60)
+    summary = Predictor(StubModel(), progress=False, max_pixels=1000).run([tmp_path / "in"], tmp_path / "out")
+    assert summary.images == 1 and summary.skipped == 1
+    err = capsys.readouterr().err
+    assert "big.png" in err and "60x40 = 0.0 megapixels, more than max_pixels (--max-pixels)" in err
+    with pytest.raises(ImageTooLargeError, match="image is 60x40"):
+        Predictor(StubModel(), max_pixels=1000).predict(np.zeros((40, 60, 3), np.uint8))
+    assert len(Predictor(StubModel(), max_pixels=1000).predict(np.zeros((20, 30, 3), np.uint8))) == 1

@@ -355,11 +355,48 @@ def test_periodic_eval_is_logged_and_does_not_perturb_training(tmp_path):
     assert [(r["iter"], r["bbox_AP"]) for r in evals] == [(4, pytest.approx(0.4)), (6, pytest.approx(0.6))]
 
 
-def test_tensorboard_flag_is_optional(tmp_path):
-    cfg = make_cfg(tensorboard=True)
-    cfg = dataclasses.replace(cfg, solver=dataclasses.replace(cfg.solver, max_iter=2))
-    Trainer(TinyDetector(), cfg, loader_factory(), tmp_path).train()  # logs or skips, never fails
-    assert (tmp_path / "metrics.jsonl").exists()
+class _FakeSummaryWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter: records (tag, value, step) and its log folder."""
+
+    made: list = []
+
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        _FakeSummaryWriter.made.append(self)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.append((tag, value, step))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_tensorboard_flag_writes_events_or_says_why_not(tmp_path, monkeypatch, caplog):
+    import sys
+    import types
+
+    cfg = make_cfg(tensorboard=True, eval_period=2)
+    cfg = dataclasses.replace(cfg, solver=dataclasses.replace(cfg.solver, max_iter=4))
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = _FakeSummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    _FakeSummaryWriter.made.clear()
+    Trainer(TinyDetector(), cfg, loader_factory(), tmp_path / "tb",
+            eval_fn=lambda m, it: {"segm_AP": 0.1 * it}).train()
+    (writer,) = _FakeSummaryWriter.made
+    assert writer.log_dir == str(tmp_path / "tb" / "tensorboard") and writer.closed
+    tags = {(tag, step) for tag, _, step in writer.scalars}
+    assert {("train/total_loss", i) for i in range(1, 5)} <= tags and ("train/lr", 1) in tags
+    assert ("eval/segm_AP", 2) in tags and ("eval/segm_AP", 4) in tags
+    records = {r["iter"]: r for r in read_metrics(tmp_path / "tb" / "metrics.jsonl") if r["type"] == "train"}
+    logged = [v for tag, v, _ in writer.scalars if tag == "train/total_loss"]
+    assert logged == [records[s]["total_loss"] for s in range(1, 5)]
+    # Without tensorboard installed the run goes on and says why there are no events.
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail
+    with caplog.at_level(logging.WARNING, logger="maskrcnn"):
+        Trainer(TinyDetector(), cfg, loader_factory(), tmp_path / "none").train()
+    assert any("tensorboard is not installed" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "none" / "metrics.jsonl").exists() and not (tmp_path / "none" / "tensorboard").exists()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -444,8 +481,7 @@ class _CrashingDataset(torch.utils.data.Dataset):
 
 
 def test_real_maskrcnn_and_loader_resume_bit_identical(tmp_path):
-    pytest.importorskip("maskrcnn.modeling.mask_rcnn")
-    data = pytest.importorskip("maskrcnn.data")
+    from maskrcnn import data
     from maskrcnn.config import apply_overrides, get_preset
     from maskrcnn.modeling.mask_rcnn import MaskRCNN
 
@@ -480,7 +516,8 @@ def test_real_maskrcnn_and_loader_resume_bit_identical(tmp_path):
 
 
 def test_real_loader_passed_as_dataloader_resumes_by_consumed_count(tmp_path):
-    data = pytest.importorskip("maskrcnn.data")
+    from maskrcnn import data
+
     ann = data.generate_shapes(tmp_path / "shapes", 5, seed=1, image_size=(24, 32))
     cfg = make_cfg()
 
@@ -503,3 +540,153 @@ def test_real_loader_passed_as_dataloader_resumes_by_consumed_count(tmp_path):
     resumed.train(resume=True)
     assert history_rows(resumed.history) == history_rows(ref.history)[3:]
     assert_same_weights(model, ref_model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Best model, early stopping, the final model before the final evaluation
+
+
+def scripted_eval(values: dict[int, float], calls: list | None = None):
+    """An eval_fn returning segm_AP ``values[iteration]`` and a validation loss that falls with it."""
+    def eval_fn(model: nn.Module, iteration: int) -> dict:
+        if calls is not None:
+            calls.append(iteration)
+        return {"segm_AP": values[iteration], "val_total_loss": 1.0 - values[iteration]}
+    return eval_fn
+
+
+def saver(log: list):
+    """A save_model stand-in recording (folder name, a copy of the weights)."""
+    def save(model: nn.Module, folder):
+        log.append((folder.name, {k: v.clone() for k, v in model.state_dict().items()}))
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    return save
+
+
+AP_SEQUENCE = {1: 0.1, 2: 0.3, 3: 0.2, 4: 0.25, 5: 0.5, 6: 0.6}
+
+
+def test_best_model_and_patience(tmp_path):
+    cfg = make_cfg(eval_period=1, patience=2)
+    saved: list = []
+    t = Trainer(TinyDetector(), cfg, loader_factory(), tmp_path / "run", eval_fn=scripted_eval(AP_SEQUENCE),
+                save_model=saver(saved))
+    res = t.train()
+    # Best at 2 (0.3); 3 and 4 do not beat it: patience 2 stops after iteration 4, checkpointed there.
+    assert res["stopped_early"] and res["iteration"] == 4
+    assert res["best"] == {"metric": "segm_AP", "value": 0.3, "iteration": 2, "since": 2}
+    assert [name for name, _ in saved] == ["model_best", "model_best", "model_final"]
+    assert (tmp_path / "run" / "checkpoints" / "model_0000004.pt").is_file()
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "model_0000004.pt")
+    assert ckpt["best"]["iteration"] == 2
+    # A resumed early-stopped run stays stopped.
+    again = Trainer(TinyDetector(), cfg, loader_factory(), tmp_path / "run", eval_fn=scripted_eval(AP_SEQUENCE),
+                    save_model=saver(saved))
+    assert again.train(resume=True)["stopped_early"] and again.history == []
+    # Without patience the run goes on; a lower-is-better metric is minimised.
+    lossy = make_cfg(eval_period=1, best_metric="val_total_loss")
+    saved2: list = []
+    r2 = Trainer(TinyDetector(), lossy, loader_factory(), tmp_path / "loss", eval_fn=scripted_eval(AP_SEQUENCE),
+                 save_model=saver(saved2)).train()
+    assert not r2["stopped_early"] and r2["best"]["iteration"] == 6
+    assert [n for n, _ in saved2].count("model_best") == 4  # iterations 1, 2, 5, 6
+    records = read_metrics(tmp_path / "loss" / "metrics.jsonl")
+    assert [r["val_total_loss"] for r in records if r["type"] == "eval"] == pytest.approx(
+        [1 - AP_SEQUENCE[i] for i in range(1, 7)])
+
+
+def test_best_state_resumes(tmp_path):
+    """Killed after the checkpoint of iteration 3 and resumed, the run keeps its best and its patience count."""
+    cfg = make_cfg(eval_period=1, patience=3)
+    ref = Trainer(TinyDetector(), cfg, loader_factory(), tmp_path / "ref", eval_fn=scripted_eval(AP_SEQUENCE),
+                  save_model=saver([])).train()
+    with pytest.raises(RuntimeError, match="simulated preemption"):
+        Trainer(TinyDetector(), cfg, loader_factory(crash_at=3), tmp_path / "run",
+                eval_fn=scripted_eval(AP_SEQUENCE), save_model=saver([])).train()
+    calls: list = []
+    saved: list = []
+    resumed = Trainer(TinyDetector(), cfg, loader_factory(), tmp_path / "run",
+                      eval_fn=scripted_eval(AP_SEQUENCE, calls), save_model=saver(saved)).train(resume=True)
+    assert calls == [4, 5, 6] and resumed["best"] == ref["best"] == {
+        "metric": "segm_AP", "value": 0.6, "iteration": 6, "since": 0}
+    assert [n for n, _ in saved] == ["model_best", "model_final", "model_best"]
+
+
+def test_model_final_is_written_before_the_final_evaluation(tmp_path):
+    saved: list = []
+
+    def failing_eval(model: nn.Module, iteration: int) -> dict:
+        raise ValueError("a validation image cannot be read")
+
+    with pytest.raises(ValueError, match="validation image"):
+        Trainer(TinyDetector(), make_cfg(), loader_factory(), tmp_path, eval_fn=failing_eval,
+                save_model=saver(saved)).train()
+    assert [n for n, _ in saved] == ["model_final"]
+    assert (tmp_path / "checkpoints" / "model_0000006.pt").is_file()
+
+
+def test_plot_shows_validation_losses_and_ap(tmp_path):
+    pytest.importorskip("matplotlib")
+    from maskrcnn.engine.trainer import loss_curves_figure
+
+    Trainer(TinyDetector(), make_cfg(eval_period=2), loader_factory(), tmp_path,
+            eval_fn=scripted_eval(AP_SEQUENCE)).train()
+    fig = loss_curves_figure(read_metrics(tmp_path / "metrics.jsonl"))
+    labels = {ln.get_label() for ax in fig.axes for ln in ax.get_lines()}
+    assert {"val_total_loss", "segm_AP", "total_loss", "loss_mask"} <= labels
+    ap_axis = next(ax for ax in fig.axes if any(ln.get_label() == "segm_AP" for ln in ax.get_lines()))
+    line = next(ln for ln in ap_axis.get_lines() if ln.get_label() == "segm_AP")
+    assert list(line.get_xdata()) == [2, 4, 6] and list(line.get_ydata()) == [0.3, 0.25, 0.6]
+    assert (tmp_path / "loss_curves.png").stat().st_size > 1000
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+import torch
+sys.path.insert(0, {tests!r})
+from test_trainer import TinyDetector, loader_factory, make_cfg
+from maskrcnn.engine.trainer import Trainer
+
+real_save = torch.save
+count = {{"n": 0}}
+
+def save_then_die(obj, f, *args, **kwargs):
+    count["n"] += 1
+    if count["n"] == 2:  # the second checkpoint: half written, then the process is killed
+        f.write(b"PK\\x03\\x04 half a checkpoint")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+
+torch.save = save_then_die
+torch.set_num_threads(1)
+Trainer(TinyDetector(), make_cfg(), loader_factory(), {out!r}).train()
+"""
+
+
+def test_checkpoint_save_killed_midway(tmp_path):
+    """SIGKILL while the second checkpoint is written: the first stays loadable and the next start cleans up."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    script = KILL_DURING_SAVE.format(tests=str(Path(__file__).parent), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    ckpts = out / "checkpoints"
+    stale = [p.name for p in ckpts.iterdir() if p.name.endswith(".tmp")]
+    assert len(stale) == 1 and stale[0].startswith(".model_0000006.pt.")
+    assert load_checkpoint(ckpts / "model_0000003.pt")["iteration"] == 3
+    ref = Trainer(TinyDetector(), make_cfg(), loader_factory(), tmp_path / "ref")
+    ref.train()
+    model = TinyDetector(init_seed=4)
+    resumed = Trainer(model, make_cfg(), loader_factory(), out)
+    resumed.train(resume=True)
+    assert [h["iter"] for h in resumed.history] == [4, 5, 6]
+    assert_same_weights(model, ref.model)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last_checkpoint", "model_0000003.pt", "model_0000006.pt"]

@@ -191,3 +191,36 @@ def test_save_mask_pngs(tmp_path):
     for p, m in zip(paths, res.masks):
         back = np.asarray(Image.open(p)).astype(bool)
         np.testing.assert_array_equal(back, m.numpy())
+
+
+def _as_crops(masks: torch.Tensor, pad: int = 3):
+    """The same masks as MaskCrops over loose windows (their bounding boxes grown by ``pad``)."""
+    from maskrcnn.ops.masks import MaskCrops
+
+    h, w = masks.shape[1:]
+    crops, offsets = [], []
+    for m in masks:
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        y0, x0 = max(int(ys.min()) - pad, 0), max(int(xs.min()) - pad, 0)
+        y1, x1 = min(int(ys.max()) + 1 + pad, h), min(int(xs.max()) + 1 + pad, w)
+        crops.append(m[y0:y1, x0:x1].clone())
+        offsets.append([x0, y0])
+    return MaskCrops.from_crops(crops, torch.tensor(offsets), (h, w))
+
+
+def test_crops_draw_like_dense_masks_in_any_band_height(monkeypatch, tmp_path):
+    """Overlapping masks blend in the same order with the same arithmetic, whichever row bands split them."""
+    res = make_result()
+    img = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    reference = vis.draw_result(img, res)
+    cropped = Result(res.boxes, res.scores, res.labels, _as_crops(res.masks), image_size=res.image_size,
+                     class_names_table=res.class_names_table)
+    for band in (7, 25, 512):
+        monkeypatch.setattr(vis, "_BLEND_BAND_ROWS", band)
+        np.testing.assert_array_equal(vis.draw_result(img, cropped), reference)
+        np.testing.assert_array_equal(vis.draw_result(img, res), reference)
+    np.testing.assert_array_equal(vis.draw_result(img, cropped, score_threshold=0.5),
+                                  vis.draw_result(img, res, score_threshold=0.5))
+    paths = vis.save_mask_pngs(cropped, tmp_path, "x")
+    for p, m in zip(paths, res.masks):
+        assert np.array_equal(np.asarray(Image.open(p)), m.numpy())

@@ -105,3 +105,71 @@ def test_load_by_registry_name_from_cache_and_mirror(v1_path: Path, tmp_path: Pa
     assert torch.equal(next(again.parameters()), next(model.parameters()))
     with pytest.raises(hub.HubError, match="neither an existing file nor known weights"):
         maskrcnn.load_model("no_such_weights")
+
+
+def test_save_model_folder_is_complete_or_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from maskrcnn.weights import save_model
+
+    torch.manual_seed(0)
+    model = MaskRCNN(get_preset("r18_fpn_demo"))
+    real = Path.write_text
+
+    def killed(self, *args, **kwargs):
+        if self.name == "config.json":
+            raise KeyboardInterrupt  # between the weights and the config
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(model, tmp_path / "fresh")
+    assert list(tmp_path.iterdir()) == []  # no half folder
+    monkeypatch.undo()
+    save_model(model, tmp_path / "final")
+    before = (tmp_path / "final" / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    monkeypatch.setattr(Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(model, tmp_path / "final")
+    monkeypatch.undo()
+    assert (tmp_path / "final" / "model.safetensors").read_bytes() == before  # the old model, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    # A folder with the user's own files in it keeps them.
+    (tmp_path / "final" / "README.txt").write_text("notes")
+    save_model(model, tmp_path / "final")
+    assert (tmp_path / "final" / "README.txt").read_text() == "notes"
+    assert maskrcnn.load_model(tmp_path / "final").model.state_dict().keys() == model.state_dict().keys()
+
+
+class _RunsCode:
+    """Unpickling this would call ``os.system``: every checkpoint reader must refuse before it happens."""
+
+    def __reduce__(self):  # noqa: ANN204 - pickle protocol
+        import os
+
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_no_checkpoint_reader_unpickles_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from maskrcnn.engine.checkpoint import load_checkpoint
+    from maskrcnn.weights import read_init_state
+
+    import pickle
+
+    bad = tmp_path / "model.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": _RunsCode()}, bad)
+    pkl = tmp_path / "model_final.pkl"
+    pkl.write_bytes(pickle.dumps({"model": {"w": _RunsCode()}}))
+    calls: list = []
+    monkeypatch.setattr(os, "system", lambda cmd: calls.append(cmd) or 0)
+    with pytest.raises(WeightsError, match=r"model\.pth: cannot read as a PyTorch checkpoint"):
+        maskrcnn.load_model(bad)
+    with pytest.raises(WeightsError):
+        read_init_state(bad)
+    with pytest.raises(RuntimeError, match="cannot load checkpoint"):
+        load_checkpoint(bad)
+    with pytest.raises(WeightsError, match="refused to load this pickle"):
+        maskrcnn.load_model(pkl)
+    assert calls == []  # nothing ran

@@ -118,6 +118,7 @@ def _entry(sha256: str = DATA_SHA256, name: str = TEST_NAME) -> hub.WeightsEntry
 def env(server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> _Server:
     monkeypatch.setenv("MASKRCNN_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MASKRCNN_MIRROR", server.base_url)
+    monkeypatch.setenv("MASKRCNN_ALLOW_HTTP", "1")  # the test server speaks plain http on 127.0.0.1
     monkeypatch.setitem(hub.REGISTRY, TEST_NAME, _entry())
     return server
 
@@ -222,6 +223,7 @@ def test_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MASKRCNN_HOME", str(tmp_path / "home"))
     url = f"http://127.0.0.1:{_free_port()}/models"
     monkeypatch.setenv("MASKRCNN_MIRROR", url)
+    monkeypatch.setenv("MASKRCNN_ALLOW_HTTP", "1")
     monkeypatch.setitem(hub.REGISTRY, TEST_NAME, _entry())
     with pytest.raises(hub.DownloadError) as info:
         hub.download(TEST_NAME, progress=False, timeout=2)
@@ -260,7 +262,15 @@ def test_mirror_url_rewrite(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MASKRCNN_MIRROR", raising=False)
     assert hub.resolve_url(entry) == entry.url
     monkeypatch.setenv("MASKRCNN_MIRROR", "http://mirror.example/models/")
+    monkeypatch.delenv("MASKRCNN_ALLOW_HTTP", raising=False)
+    with pytest.raises(hub.DownloadError, match=r"MASKRCNN_MIRROR 'http://mirror\.example/models/' must be an https "
+                                                r"URL or a local folder; set MASKRCNN_ALLOW_HTTP=1"):
+        hub.resolve_url(entry)
+    monkeypatch.setenv("MASKRCNN_ALLOW_HTTP", "1")
     assert hub.resolve_url(entry) == "http://mirror.example/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"
+    monkeypatch.setenv("MASKRCNN_MIRROR", "ftp://mirror.example/models/")
+    with pytest.raises(hub.DownloadError, match="must be an https URL or a local folder"):
+        hub.resolve_url(entry)
     monkeypatch.setenv("MASKRCNN_MIRROR", "https://m.example/a/b")
     assert hub.resolve_url(entry) == "https://m.example/a/b/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"
 
@@ -359,3 +369,83 @@ def test_coco_names() -> None:
     assert [coco_names.COCO_ID_TO_NAME[c] for c in coco_names.CONTIGUOUS_TO_COCO_ID] == list(
         coco_names.COCO_CLASS_NAMES
     )
+
+
+# ------------------------------------------------------------------------------------ end-to-end verification
+
+
+@pytest.mark.parametrize("pinned", ["full", "prefix", "none"])
+def test_tampered_cached_file_is_refused_on_load(env: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 pinned: str) -> None:
+    sha = {"full": DATA_SHA256, "prefix": DATA_SHA256[:8], "none": ""}[pinned]
+    monkeypatch.setitem(hub.REGISTRY, TEST_NAME, _entry(sha256=sha))
+    path = hub.resolve_weights(TEST_NAME, progress=False)
+    # The verified download records the file's whole digest beside it, whatever the registry holds.
+    assert hub.recorded_digest(TEST_NAME) == DATA_SHA256
+    assert hub.resolve_weights(TEST_NAME) == path  # unchanged: loads
+    data = bytearray(path.read_bytes())
+    data[150_000] ^= 1  # one flipped bit
+    path.write_bytes(bytes(data))
+    with pytest.raises(hub.ChecksumError, match=r"changed after it was verified.*weights download test_weights "
+                                                r"--force") as info:
+        hub.resolve_weights(TEST_NAME)
+    assert str(path) in str(info.value) and path.exists()  # kept for inspection
+    with pytest.raises(hub.ChecksumError):
+        hub.download(TEST_NAME, progress=False)  # a cached file is verified here too
+    assert hub.download(TEST_NAME, progress=False, force=True).read_bytes() == DATA
+
+
+def test_prefix_entry_is_checked_against_the_whole_recorded_digest(env: _Server, monkeypatch) -> None:
+    """A record that agrees on the published 8 digits but not on the other 56 is a mismatch."""
+    monkeypatch.setitem(hub.REGISTRY, TEST_NAME, _entry(sha256=DATA_SHA256[:8]))
+    hub.download(TEST_NAME, progress=False)
+    hub.digest_path(TEST_NAME).write_text(DATA_SHA256[:8] + "f" * 56 + "  x\n")
+    with pytest.raises(hub.ChecksumError):
+        hub.resolve_weights(TEST_NAME)
+
+
+def test_hand_placed_file_without_published_digest_is_recorded(env: _Server, tmp_path: Path, monkeypatch,
+                                                               capsys) -> None:
+    monkeypatch.setitem(hub.REGISTRY, TEST_NAME, _entry(sha256=""))
+    _dest(tmp_path).parent.mkdir(parents=True)
+    _dest(tmp_path).write_bytes(DATA)
+    assert "check" in hub.check_description(TEST_NAME) and "first download" in hub.check_description(TEST_NAME)
+    assert hub.resolve_weights(TEST_NAME) == _dest(tmp_path)
+    assert "no published checksum; recording" in capsys.readouterr().err
+    assert hub.recorded_digest(TEST_NAME) == DATA_SHA256
+    assert hub.check_description(TEST_NAME).startswith("recorded SHA-256 (the whole digest recorded at download")
+    _dest(tmp_path).write_bytes(DATA[:-1])
+    with pytest.raises(hub.ChecksumError):
+        hub.resolve_weights(TEST_NAME)
+
+
+def test_weights_list_says_which_check_each_entry_gets() -> None:
+    rows = {r["name"]: r for r in hub.registry_as_json()}
+    assert rows["maskrcnn_resnet50_fpn"]["check"].startswith("SHA-256 prefix")
+    assert rows["detectron2_mask_rcnn_R_50_FPN_3x"]["check"].startswith("no published digest")
+    assert all(r["check"] for r in rows.values())
+
+
+@pytest.mark.parametrize("bad", ["../../evil.pth", "/etc/evil.pth", "sub/x.pth", ".hidden.pth", "..", "a\\b.pth"])
+def test_registry_file_name_cannot_leave_the_cache(bad: str) -> None:
+    with pytest.raises(ValueError, match="file name"):
+        hub.WeightsEntry(name="x", url="https://example.invalid/x.pth", sha256="", format="maskrcnn",
+                         preset="r18_fpn_demo", num_classes=3, file_name=bad)
+    with pytest.raises(ValueError, match="file name"):
+        hub.WeightsEntry(name="x", url="https://example.invalid/models/..", sha256="", format="maskrcnn",
+                         preset="r18_fpn_demo", num_classes=3)
+
+
+def test_weights_list_cli_check_column(env: _Server, monkeypatch, capsys) -> None:
+    from maskrcnn.cli import main
+
+    monkeypatch.setitem(hub.REGISTRY, TEST_NAME, _entry(sha256=DATA_SHA256[:8]))
+    monkeypatch.setitem(hub.REGISTRY, "test_full", _entry(name="test_full"))
+    assert main(["weights", "list"]) == 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if ln.strip()}
+    assert "SHA-256 prefix" in lines[TEST_NAME] and "pinned SHA-256" in lines["test_full"]
+    assert "no published digest" in lines["detectron2_mask_rcnn_R_50_FPN_3x"]
+    hub.download(TEST_NAME, progress=False)
+    assert main(["weights", "list"]) == 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if ln.strip()}
+    assert "recorded SHA-256" in lines[TEST_NAME]

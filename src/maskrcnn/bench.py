@@ -68,7 +68,11 @@ MODEL_PRESETS: dict[str, str] = {
 # "onnx" runs the model exported by maskrcnn.export in onnxruntime's CPU provider (inference only; [onnx] extra).
 MODES = ("fast", "naive", "fast_math", "compile", "bf16", "onnx")
 INFERENCE_ONLY_MODES = ("compile", "onnx")
-TASKS = ("inference", "training", "throughput")
+TASKS = ("inference", "training", "throughput", "large_image")
+# large_image measures peak RSS, so it runs on the default path only: the naive path pastes dense float masks
+# (100 x 9000 x 12000 x 4 bytes = 43 GB) and the other modes change no memory-relevant step.
+LARGE_IMAGE_MODES = ("fast",)
+LARGE_IMAGE_RUNS = ("predict", "eval")
 TOP_STAGES = ("transform", "backbone", "fpn", "rpn", "box_head", "mask_head", "paste")
 
 
@@ -81,7 +85,7 @@ class BenchSettings:
     models: tuple[str, ...] = MODELS
     # Measured modes; the second one (if any) is what ratios are taken against.
     modes: tuple[str, ...] = ("fast", "naive")
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] = ("inference", "training", "throughput")
     repeats: int = 5
     warmup: int = 1
     detections: int = 100
@@ -107,6 +111,11 @@ class BenchSettings:
     thp: bool | None = None
     # Before each scenario wait up to this many seconds for other processes to leave the CPUs idle (0: don't).
     wait_idle: float = 0.0
+    # large_image: (height, width) of the big photo, run through `predict` and `eval` end to end, each also at
+    # (height, width) above as the baseline of its peak-RSS ratio; the model resizes to its usual test size.
+    large_size: tuple[int, int] = (9000, 12000)
+    large_model: str = "r50_fpn_v1"
+    large_test_size: tuple[int, int] = (800, 1333)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -381,6 +390,91 @@ def bench_onnx_inference(name: str, settings: BenchSettings) -> dict[str, Any]:
             "image": [3, settings.height, settings.width], "export_s": export_s}
 
 
+def large_image_keys(settings: BenchSettings) -> list[str]:
+    """Scenario keys of the large_image task: "<predict|eval>@<H>x<W>" at the large size, then the baseline size."""
+    sizes = (settings.large_size, (settings.height, settings.width))
+    return [f"{run}@{h}x{w}" for run in LARGE_IMAGE_RUNS for h, w in sizes]
+
+
+def _large_image_files(settings: BenchSettings, size: tuple[int, int]) -> tuple[Path, Path]:
+    """(JPEG, COCO JSON with two ground-truth instances) of a smooth random (H, W) picture, made once per size."""
+    import tempfile  # noqa: PLC0415
+
+    from PIL import Image  # noqa: PLC0415
+
+    h, w = size
+    folder = Path(tempfile.gettempdir()) / f"maskrcnn-bench-{h}x{w}-seed{settings.seed}"
+    jpg, ann = folder / "image.jpg", folder / "annotations.json"
+    if jpg.is_file() and ann.is_file():
+        return jpg, ann
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(settings.seed)
+    coarse = (torch.rand(max(h // 300, 2), max(w // 300, 2), 3, generator=g) * 255).to(torch.uint8).numpy()
+    # Pillow upsamples the coarse noise: no full-size float tensor, so making the file stays cheap.
+    Image.fromarray(coarse).resize((w, h), Image.BILINEAR).save(jpg, quality=90)
+    polys = [[w * 0.1, h * 0.1, w * 0.4, h * 0.1, w * 0.4, h * 0.5, w * 0.1, h * 0.5],
+             [w * 0.5, h * 0.3, w * 0.9, h * 0.35, w * 0.7, h * 0.9]]
+    anns = []
+    for i, p in enumerate(polys, 1):
+        xs, ys = p[0::2], p[1::2]
+        box = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
+        anns.append({"id": i, "image_id": 1, "category_id": i, "segmentation": [p], "bbox": box,
+                     "area": box[2] * box[3], "iscrowd": 0})
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": jpg.name, "height": h, "width": w}],
+                               "annotations": anns,
+                               "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    return jpg, ann
+
+
+def bench_large_image(key: str, mode: str, settings: BenchSettings) -> dict[str, Any]:
+    """Peak RSS and time of `predict` (overlay, COCO JSON) or `eval` (COCO AP) on one (H, W) photo, end to end.
+
+    The picture is decoded, resized to ``large_test_size`` and run with score threshold 0 and ``detections``
+    per image, so the masks of that many boxes are pasted at the photo's full size.
+    """
+    import tempfile  # noqa: PLC0415
+
+    from maskrcnn.engine.runs import evaluate_run  # noqa: PLC0415
+    from maskrcnn.predict import Predictor  # noqa: PLC0415
+
+    run, size = key.split("@")
+    h, w = (int(v) for v in size.split("x"))
+    jpg, ann = _large_image_files(settings, (h, w))
+    test_h, test_w = settings.large_test_size
+    net, source = build_model(settings.large_model, mode, dataclasses.replace(settings, height=test_h, width=test_w))
+    _reset_peak_rss()
+    rss_before = _rss_mb("VmRSS")
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        if run == "predict":
+            summary = Predictor(net, score_threshold=0.0, progress=False).run([jpg], out)
+            detections = summary.detections
+        else:
+            evaluate_run(net, ann, jpg.parent, out, progress=False)
+            detections = len(json.loads((Path(out) / "results.json").read_text()))
+        seconds = time.perf_counter() - start
+    return {"median_s": seconds, "runs_s": [seconds], "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": rss_before,
+            "detections": detections, "image": [3, h, w], "weights": source, "model": settings.large_model,
+            # What the masks would take as (N, H, W) bool tensors, which the results no longer hold.
+            "dense_masks_mb": detections * h * w / 2**20}
+
+
+def format_large_image(figs: dict[str, Any]) -> str:
+    """The large_image table: peak RSS of each run at the large size against the same run at the baseline size."""
+    rows = []
+    for key, fig in figs.items():
+        run, size = key.split("@")
+        base = next((f for k, f in figs.items() if k.startswith(run + "@") and k != key), None)
+        large = base is not None and fig["image"][1] * fig["image"][2] > base["image"][1] * base["image"][2]
+        rows.append([key, str(fig["detections"]), _fmt_s(fig["median_s"]), f"{fig['peak_rss_mb'] or 0:.0f} MB",
+                     f"{fig['dense_masks_mb']:.0f} MB",
+                     _fmt_r(_ratio(fig["peak_rss_mb"], base["peak_rss_mb"])) if large else "(baseline)"])
+    model = next(iter(figs.values()))["model"] if figs else "-"
+    return (f"large images ({model}, score threshold 0: predict writes the overlay and COCO JSON, eval computes AP)\n"
+            + _table(["run", "detections", "time", "peak RSS", "dense masks would be", "peak / baseline size"],
+                     rows))
+
+
 def bench_training(batch: int, mode: str, settings: BenchSettings) -> dict[str, Any]:
     """Time of one SGD step (forward, backward, update) at ``batch`` images (median, s), per stage, peak RSS."""
     from maskrcnn.modeling.timing import StageTimer, stage  # noqa: PLC0415
@@ -487,6 +581,8 @@ def _scenario(kind: str, key: Any, mode: str, settings: BenchSettings) -> dict[s
         out = bench_inference(key, mode, settings)
     elif kind == "training":
         out = bench_training(key, mode, settings)
+    elif kind == "large_image":
+        out = bench_large_image(key, mode, settings)
     else:
         out = bench_throughput(mode, settings)
     out["threads"] = torch.get_num_threads()
@@ -513,6 +609,8 @@ def _plan(settings: BenchSettings) -> list[tuple[str, Any]]:
         plan += [("training", b) for b in settings.train_batches]
     if "throughput" in settings.tasks:
         plan.append(("throughput", settings.throughput_model))
+    if "large_image" in settings.tasks:
+        plan += [("large_image", key) for key in large_image_keys(settings)]
     return plan
 
 
@@ -528,6 +626,9 @@ def run_benchmarks(settings: BenchSettings = BenchSettings(), log: Callable[[str
     say = log or (lambda s: None)
     results: dict[str, dict[str, dict[str, Any]]] = {m: {t: {} for t in settings.tasks} for m in settings.modes}
     plan = _plan(settings)
+    if "large_image" in settings.tasks:
+        for size in (settings.large_size, (settings.height, settings.width)):
+            _large_image_files(settings, size)  # made here: the workers' peak RSS must not include making them
     started = time.time()
     load_start = _loadavg()  # before our own work raises it
     for kind, key in plan:
@@ -535,6 +636,8 @@ def run_benchmarks(settings: BenchSettings = BenchSettings(), log: Callable[[str
         for mode in settings.modes:
             if kind == "training" and mode in INFERENCE_ONLY_MODES:
                 continue  # these apply to inference only; their training step is the fast one
+            if kind == "large_image" and mode not in LARGE_IMAGE_MODES:
+                continue
             label = f"{kind} {key} [{mode}]"
             say(f"running {label} ...")
             idle_before = _wait_until_idle(settings.wait_idle, say) if settings.wait_idle > 0 else None
@@ -781,6 +884,8 @@ def format_report(report: dict[str, Any]) -> str:
             rows.append(cells)
         parts.append(f"training {key} ({fig['model']}, {fig['weights']})\n"
                      + _table(["stage", primary] + ([other, "ratio"] if of else []), rows))
+    if res[primary].get("large_image"):
+        parts.append(format_large_image(res[primary]["large_image"]))
     comp = report.get("comparisons", {})
     if "vs_baseline" in comp:
         rows = [[k, _fmt_r(v)] for k, v in comp["vs_baseline"].items() if "/stage/" not in k]

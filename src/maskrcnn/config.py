@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from maskrcnn.atomic import atomic_write_text
+
 IMAGENET_MEAN_RGB01 = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB01 = (0.229, 0.224, 0.225)
 # log(1000/16): the largest box-size change a regression delta may express (Detectron).
@@ -318,6 +320,15 @@ class TrainConfig:
     keep_last: int = 3
     log_period: int = 20
     eval_period: int = 0  # 0: evaluate only at the end (if eval data is given)
+    # Evaluation value that picks model_best/ (a key of the logged evaluation: segm_AP, bbox_AP, keypoints_AP,
+    # val_total_loss, ...; losses are minimised, the rest maximised). "auto": keypoints_AP for keypoint models,
+    # else segm_AP (bbox_AP without a mask head).
+    best_metric: str = "auto"
+    # Stop after this many evaluations without a new best train.best_metric; 0 never stops early.
+    patience: int = 0
+    # Training stops when more than this fraction of the images cannot be read (each one is skipped, replaced by
+    # another image, logged and listed in skipped_images.txt); 0 stops at the first.
+    max_bad_image_fraction: float = 0.01
     tensorboard: bool = False
     device: str = "auto"
     # Longest wait, in seconds, for another rank in a collective (multi-process runs): a rank that died or hangs
@@ -348,6 +359,166 @@ class Config:
     def from_dict(cls, data: dict[str, Any]) -> Config:
         """Build from a nested dict; unknown keys raise ConfigError listing them."""
         return _from_dict(cls, data, "")
+
+    def __post_init__(self) -> None:
+        """Check every numeric field against its range (``FIELD_RANGES``) and the fields that constrain each other.
+
+        Every way of making a config (preset, YAML, overrides, a saved model's config.json, dataclasses.replace)
+        goes through here, so a bad value is refused where it enters, naming its key.
+        """
+        validate_config(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ranges: every numeric field of every section, checked when a Config is made
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field may take: an interval (ends open or closed, None for unbounded) or choices."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple[float, ...] = ()
+
+    def allows(self, value: float) -> bool:
+        """Whether ``value`` (finite) lies in the range."""
+        if self.choices:
+            return value in self.choices
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return not (self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))
+
+    def describe(self) -> str:
+        """The range in words, e.g. ``"in [0, 1]"``, ``"> 0"``, ``"one of 18, 34, 50"``."""
+        if self.choices:
+            return "one of " + ", ".join(f"{c:g}" for c in self.choices)
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.hi is not None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return "finite"
+
+
+ANY = Range()
+POSITIVE = Range(0, lo_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_1 = Range(1)
+FRACTION = Range(0, 1)
+UNIT_OPEN = Range(0, 1, hi_open=True)  # [0, 1): momentum and Adam betas
+IOU = Range(0, 1)
+
+# "Section.field" -> its range; a tuple field's range applies to each element. tests/test_config.py checks that
+# every int and float field of every section is listed here.
+FIELD_RANGES: dict[str, Range] = {
+    "InputConfig.pixel_mean": ANY, "InputConfig.pixel_std": POSITIVE, "InputConfig.min_size_train": AT_LEAST_1,
+    "InputConfig.max_size_train": AT_LEAST_1, "InputConfig.min_size_test": AT_LEAST_1,
+    "InputConfig.max_size_test": AT_LEAST_1, "InputConfig.size_divisible": NON_NEGATIVE,
+    "InputConfig.flip_prob": FRACTION, "InputConfig.lsj_scale": POSITIVE,
+    "BackboneConfig.depth": Range(choices=(18, 34, 50, 101, 152)), "BackboneConfig.groups": AT_LEAST_1,
+    "BackboneConfig.width_per_group": AT_LEAST_1, "BackboneConfig.stem_out_channels": AT_LEAST_1,
+    "BackboneConfig.res2_out_channels": NON_NEGATIVE, "BackboneConfig.res5_dilation": AT_LEAST_1,
+    "BackboneConfig.norm_eps": NON_NEGATIVE, "BackboneConfig.gn_groups": AT_LEAST_1,
+    "BackboneConfig.trainable_layers": Range(0, 5),
+    "FPNConfig.out_channels": AT_LEAST_1, "FPNConfig.norm_eps": NON_NEGATIVE,
+    "AnchorConfig.sizes": POSITIVE, "AnchorConfig.aspect_ratios": POSITIVE, "AnchorConfig.strides": AT_LEAST_1,
+    "AnchorConfig.offset": UNIT_OPEN,
+    "RPNConfig.num_convs": AT_LEAST_1, "RPNConfig.pre_nms_top_n_train": AT_LEAST_1,
+    "RPNConfig.pre_nms_top_n_test": AT_LEAST_1, "RPNConfig.post_nms_top_n_train": AT_LEAST_1,
+    "RPNConfig.post_nms_top_n_test": AT_LEAST_1, "RPNConfig.nms_thresh": IOU,
+    # Logits when sigmoid_scores is off (detectron2), so any finite value; [0, 1] is checked with sigmoid scores.
+    "RPNConfig.score_thresh": ANY, "RPNConfig.min_box_size": NON_NEGATIVE, "RPNConfig.fg_iou_thresh": IOU,
+    "RPNConfig.bg_iou_thresh": IOU, "RPNConfig.batch_size_per_image": AT_LEAST_1,
+    "RPNConfig.positive_fraction": FRACTION, "RPNConfig.bbox_reg_weights": POSITIVE,
+    "RPNConfig.smooth_l1_beta": NON_NEGATIVE,
+    "BoxHeadConfig.pooler_resolution": AT_LEAST_1, "BoxHeadConfig.pooler_sampling_ratio": NON_NEGATIVE,
+    "BoxHeadConfig.pooler_level_eps": NON_NEGATIVE, "BoxHeadConfig.num_convs": NON_NEGATIVE,
+    "BoxHeadConfig.conv_dim": AT_LEAST_1, "BoxHeadConfig.fc_dim": AT_LEAST_1, "BoxHeadConfig.norm_eps": NON_NEGATIVE,
+    "BoxHeadConfig.fg_iou_thresh": IOU, "BoxHeadConfig.bg_iou_thresh": IOU,
+    "BoxHeadConfig.batch_size_per_image": AT_LEAST_1, "BoxHeadConfig.positive_fraction": FRACTION,
+    "BoxHeadConfig.bbox_reg_weights": POSITIVE, "BoxHeadConfig.smooth_l1_beta": NON_NEGATIVE,
+    "BoxHeadConfig.score_thresh": FRACTION, "BoxHeadConfig.nms_thresh": IOU,
+    "BoxHeadConfig.detections_per_img": AT_LEAST_1, "BoxHeadConfig.min_box_size": NON_NEGATIVE,
+    "MaskHeadConfig.pooler_resolution": AT_LEAST_1, "MaskHeadConfig.pooler_sampling_ratio": NON_NEGATIVE,
+    "MaskHeadConfig.num_convs": NON_NEGATIVE, "MaskHeadConfig.conv_dim": AT_LEAST_1,
+    "MaskHeadConfig.dilation": AT_LEAST_1, "MaskHeadConfig.norm_eps": NON_NEGATIVE,
+    "MaskHeadConfig.paste_padding": NON_NEGATIVE, "MaskHeadConfig.mask_threshold": FRACTION,
+    "ModelConfig.num_classes": AT_LEAST_1, "ModelConfig.category_ids": NON_NEGATIVE,
+    "SolverConfig.base_lr": POSITIVE, "SolverConfig.momentum": UNIT_OPEN, "SolverConfig.adam_betas": UNIT_OPEN,
+    "SolverConfig.weight_decay": NON_NEGATIVE, "SolverConfig.weight_decay_norm": NON_NEGATIVE,
+    "SolverConfig.weight_decay_bias": NON_NEGATIVE, "SolverConfig.ims_per_batch": AT_LEAST_1,
+    "SolverConfig.reference_batch_size": AT_LEAST_1, "SolverConfig.max_iter": AT_LEAST_1,
+    "SolverConfig.steps": AT_LEAST_1, "SolverConfig.gamma": POSITIVE, "SolverConfig.warmup_iters": NON_NEGATIVE,
+    "SolverConfig.warmup_factor": FRACTION, "SolverConfig.clip_grad_norm": NON_NEGATIVE,
+    "TrainConfig.seed": NON_NEGATIVE, "TrainConfig.num_workers": NON_NEGATIVE,
+    "TrainConfig.checkpoint_period": NON_NEGATIVE, "TrainConfig.keep_last": NON_NEGATIVE,
+    "TrainConfig.log_period": AT_LEAST_1, "TrainConfig.eval_period": NON_NEGATIVE,
+    "TrainConfig.dist_timeout_s": POSITIVE, "TrainConfig.max_bad_image_fraction": FRACTION,
+    "TrainConfig.patience": NON_NEGATIVE,
+}
+
+
+def numeric_fields(cls: type) -> list[str]:
+    """Names of the fields of dataclass ``cls`` that hold numbers (int, float, optional or tuples of them)."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        args = [a for a in (typing.get_args(tp) or (tp,)) if a is not type(None) and a is not Ellipsis]
+        if typing.get_origin(tp) is Literal:
+            continue
+        if any(a in (int, float) for a in args) or tp in (int, float):
+            out.append(f.name)
+    return out
+
+
+def _check_ranges(section: Any, prefix: str) -> None:
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, key)
+            continue
+        rng = FIELD_RANGES.get(f"{type(section).__name__}.{f.name}")
+        if rng is None or value is None:
+            continue
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue  # types are _coerce's job
+            if not math.isfinite(v) or not rng.allows(v):
+                what = f"each item of config key {key!r}" if isinstance(value, tuple) else f"config key {key!r}"
+                raise ConfigError(f"{what} must be {rng.describe()}, got {value!r}")
+
+
+def validate_config(cfg: Config) -> None:
+    """Raise ConfigError naming the key, its value and what is allowed, for any value out of its range."""
+    _check_ranges(cfg, "")
+    m, s, inp = cfg.model, cfg.solver, cfg.input
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    for name, head in (("model.rpn", m.rpn), ("model.box_head", m.box_head)):
+        need(head.bg_iou_thresh <= head.fg_iou_thresh,
+             f"config key {name}.bg_iou_thresh={head.bg_iou_thresh:g} must be <= {name}.fg_iou_thresh="
+             f"{head.fg_iou_thresh:g}")
+    if m.rpn.sigmoid_scores and m.rpn.score_thresh is not None:
+        need(0.0 <= m.rpn.score_thresh <= 1.0,
+             f"config key 'model.rpn.score_thresh' must be in [0, 1] with sigmoid scores, got {m.rpn.score_thresh!r}")
+    for key, names in (("class_names", m.class_names), ("category_ids", m.category_ids)):
+        need(not names or len(names) == m.num_classes,
+             f"config key 'model.{key}' has {len(names)} entries but model.num_classes is {m.num_classes}")
+    need(list(s.steps) == sorted(s.steps), f"config key 'solver.steps' must be in increasing order, got {s.steps!r}")
+    for key in ("pixel_mean", "pixel_std"):
+        need(len(getattr(inp, key)) == 3, f"config key 'input.{key}' must have 3 values (one per colour channel), "
+                                          f"got {getattr(inp, key)!r}")
+    need(inp.lsj_scale[0] <= inp.lsj_scale[1],
+         f"config key 'input.lsj_scale' must be [low, high] with low <= high, got {list(inp.lsj_scale)!r}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -586,7 +757,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
             text = json.dumps(data, indent=2)  # JSON is valid YAML
     else:
         text = json.dumps(data, indent=2)
-    path.write_text(text)
+    atomic_write_text(path, text)
 
 
 def load_config(path: str | Path, base: Config | None = None) -> Config:

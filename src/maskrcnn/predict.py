@@ -13,7 +13,9 @@
   which joins ``image_id`` to the file and is itself a ground-truth skeleton for ``COCO`` + ``loadRes``.
 
 A file that cannot be read (missing, empty, not an image, a decompression bomb) is reported on stderr with one
-line naming it and skipped; the run goes on.
+line naming it and skipped; the run goes on. Records stream to ``predictions.json.partial.jsonl`` as each image
+finishes; both JSON files are written atomically at the end, and also when the run is interrupted (Ctrl-C), then
+with the finished images only and ``"complete": false`` in ``images.json``.
 """
 
 from __future__ import annotations
@@ -30,20 +32,28 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from maskrcnn.io import ImageReadError, list_images, prefetch, read_image, to_chw_tensor
+from maskrcnn.atomic import atomic_write, atomic_write_json, remove_stale_temp
+from maskrcnn.io import ImageReadError, list_images, prefetch, read_image, read_image_size, to_chw_tensor
 from maskrcnn.modeling.timing import stage
 from maskrcnn.structures import Result, results_to_coco
 
-__all__ = ["ImageInput", "PredictSummary", "Predictor", "expand_sources", "model_class_names"]
+__all__ = ["ImageInput", "ImageTooLargeError", "PredictSummary", "Predictor", "expand_sources",
+           "model_class_names"]
 
 # What ``Predictor.predict`` accepts for one image: a path, or an HWC/CHW uint8/float RGB array or tensor.
 ImageInput = Union[str, Path, np.ndarray, torch.Tensor]
 
 IMAGES_JSON = "images.json"
 PREDICTIONS_JSON = "predictions.json"
+# predictions.json + this: the JSON Lines file the records stream to while a run goes on.
+PARTIAL_SUFFIX = ".partial.jsonl"
 MASKS_DIR = "masks"
 # torch.cuda.OutOfMemoryError is also what torch>=2.5 exposes as torch.OutOfMemoryError.
 _OUT_OF_MEMORY = (MemoryError, torch.cuda.OutOfMemoryError)
+
+
+class ImageTooLargeError(ValueError):
+    """An image with more pixels than the Predictor's ``max_pixels``; the message names it and both sizes."""
 
 
 @dataclass
@@ -124,8 +134,16 @@ class Predictor:
     """
 
     def __init__(self, model: Any, score_threshold: float | None = None, classes: str | Sequence[str] | None = None,
-                 batch_size: int = 1, save_masks: bool = False, progress: bool = True) -> None:
-        """``classes``: names to keep (a list or "a,b"); ``score_threshold`` None keeps the model's own."""
+                 batch_size: int = 1, save_masks: bool = False, progress: bool = True,
+                 max_pixels: int | None = None) -> None:
+        """``classes``: names to keep (a list or "a,b"); ``score_threshold`` None keeps the model's own.
+
+        ``max_pixels``: images with more pixels (height x width) are refused (:meth:`run` skips them with a
+        message, :meth:`predict` raises); None leaves only Pillow's decompression-bomb limit.
+        """
+        if max_pixels is not None and max_pixels < 1:
+            raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
+        self.max_pixels = max_pixels
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if score_threshold is not None and not 0.0 <= float(score_threshold) <= 1.0:
@@ -222,6 +240,10 @@ class Predictor:
                 chunk = items[start: start + step]
                 with stage("transform"):
                     tensors = [to_chw_tensor(x) for x in chunk]
+                for src, t in zip(chunk, tensors):
+                    why = self._too_large(int(t.shape[-2]), int(t.shape[-1]))
+                    if why:
+                        raise ImageTooLargeError(f"{src if isinstance(src, (str, Path)) else 'image'}: {why}")
                 for src, t, det in zip(chunk, tensors, model.detect(tensors, score_threshold, soft_masks)):
                     results.append(Result(
                         boxes=det["boxes"], scores=det["scores"], labels=det["labels"], masks=det.get("masks"),
@@ -264,10 +286,17 @@ class Predictor:
         stems = self._overlay_stems(paths, out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         json_path.parent.mkdir(parents=True, exist_ok=True)
+        for folder in {out_dir, json_path.parent, out_dir / MASKS_DIR}:
+            remove_stale_temp(folder)  # left by a run killed while writing
 
-        records: list[dict[str, Any]] = []
         image_infos: list[dict[str, Any]] = []
+        n_records = 0
+        # Records are streamed to a JSON Lines file as each image finishes, and predictions.json is made from it
+        # at the end, also when the run is interrupted: Ctrl-C keeps every finished image, as valid JSON.
+        lines_path = json_path.with_name(json_path.name + PARTIAL_SUFFIX)
+        lines = lines_path.open("w", encoding="utf-8")
         bar = self._open_bar(len(paths))
+        complete = False
         try:
             # Decoding the next batch overlaps the model's work on this one.
             for batch in prefetch(self._read_batches(paths, problems, bar)):
@@ -292,25 +321,55 @@ class Predictor:
                                             "num_detections": len(res)}
                     if self.save_masks:
                         info["masks"] = [str(m) for m in self._save_masks(res, out_dir / MASKS_DIR, stem)]
-                    image_infos.append(info)
-                    for rec in results_to_coco(res, image_id, self.category_ids):
+                    recs = results_to_coco(res, image_id, self.category_ids)
+                    for rec in recs:
                         rec["file_name"] = str(path)
-                        records.append(rec)
+                    # The image counts as finished once its records and its entry are both written.
+                    lines.write("".join(json.dumps(rec) + "\n" for rec in recs))
+                    lines.flush()
+                    n_records += len(recs)
+                    image_infos.append(info)
                     if bar is not None:
                         bar.update(1)
                 del arrays, results  # full-size masks go as soon as they are written
+            complete = True
         finally:
             if bar is not None:
                 bar.close()
-
-        with json_path.open("w") as f:
-            json.dump(records, f)
-        images_json = out_dir / IMAGES_JSON
-        categories = [{"id": c, "name": n} for c, n in zip(self.category_ids, self.class_names)]
-        images_json.write_text(json.dumps({"images": image_infos, "categories": categories}, indent=1))
-        return PredictSummary(images=len(image_infos), skipped=len(problems), detections=len(records),
+            lines.close()
+            images_json = self._finish_json(lines_path, json_path, out_dir, image_infos, complete)
+        return PredictSummary(images=len(image_infos), skipped=len(problems), detections=n_records,
                               seconds=time.perf_counter() - t0, out_dir=out_dir, json_path=json_path,
                               images_json=images_json, problems=problems)
+
+    def _finish_json(self, lines_path: Path, json_path: Path, out_dir: Path, image_infos: list[dict[str, Any]],
+                     complete: bool) -> Path:
+        """Write predictions.json (from the streamed lines) and images.json atomically; returns images.json."""
+        finished = {int(info["id"]) for info in image_infos}
+
+        def write_records(f: Any) -> None:
+            f.write("[")
+            first = True
+            with lines_path.open(encoding="utf-8") as src:
+                for line in src:
+                    if not line.endswith("\n"):
+                        break  # cut short by the interruption; its image is not in images.json either
+                    if int(json.loads(line)["image_id"]) not in finished:
+                        continue
+                    f.write(("" if first else ",\n") + line[:-1])
+                    first = False
+            f.write("]\n")
+
+        atomic_write(json_path, False, write_records)
+        lines_path.unlink(missing_ok=True)
+        images_json = out_dir / IMAGES_JSON
+        categories = [{"id": c, "name": n} for c, n in zip(self.category_ids, self.class_names)]
+        atomic_write_json(images_json, {"images": image_infos, "categories": categories, "complete": complete},
+                          indent=1)
+        if not complete:
+            print(f"interrupted: {json_path} and {images_json} hold the {len(image_infos)} images finished so far",
+                  file=sys.stderr, flush=True)
+        return images_json
 
     def _read_batches(self, paths: list[Path], problems: list[tuple[str, str]], bar: Any
                       ) -> Iterator[list[tuple[Path, np.ndarray]]]:
@@ -318,6 +377,15 @@ class Predictor:
         batch: list[tuple[Path, np.ndarray]] = []
         for path in paths:
             try:
+                if self.max_pixels is not None:
+                    # From the header: a refused image is never decoded.
+                    why = self._too_large(*read_image_size(path))
+                    if why:
+                        problems.append((str(path), why))
+                        self._report(str(path), why, bar)
+                        if bar is not None:
+                            bar.update(1)
+                        continue
                 array = read_image(path)
             except ImageReadError as e:
                 problems.append((str(path), _problem_text(str(e), path)))
@@ -337,6 +405,13 @@ class Predictor:
                 batch = []
         if batch:
             yield batch
+
+    def _too_large(self, height: int, width: int) -> str | None:
+        """Why an image of this size is refused, or None."""
+        if self.max_pixels is None or height * width <= self.max_pixels:
+            return None
+        return (f"image is {width}x{height} = {height * width / 1e6:.1f} megapixels, more than max_pixels "
+                f"(--max-pixels) {self.max_pixels / 1e6:.1f}; downscale it or raise the limit")
 
     @staticmethod
     def _save_masks(res: Result, folder: Path, stem: str) -> list[Path]:

@@ -10,6 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from maskrcnn.ops.masks import MaskCrops
+
+__all__ = ["MaskCrops", "Result", "results_to_coco"]
+
 
 @dataclass
 class Result:
@@ -17,7 +21,9 @@ class Result:
 
     boxes: (N, 4) float32 XYXY absolute pixels of the input image; scores: (N,) float32 in [0, 1];
     labels: (N,) int64 contiguous class indices 1..K (0 is background and never appears);
-    masks: (N, H, W) bool at the input image's size, or None when the model has no mask head;
+    masks: (N, H, W) bool at the input image's size, or None when the model has no mask head. From the model it
+        is a :class:`MaskCrops`: each mask kept over its box's window only, so memory grows with the detections,
+        not the image; ``masks.dense()`` (or any tensor use) builds the full (N, H, W) tensor, ``masks[i]`` one mask;
     soft_masks: (N, H, W) float32 probabilities, only when asked for.
     keypoints: (N, K, 3) float32 [x, y, score] in absolute pixels of the input image, or None when the model has
     no keypoint head; the score is the model's (``model.keypoint_head.score_type``: a heatmap logit or a softmax
@@ -32,7 +38,7 @@ class Result:
     boxes: torch.Tensor
     scores: torch.Tensor
     labels: torch.Tensor
-    masks: torch.Tensor | None = None
+    masks: torch.Tensor | MaskCrops | None = None
     soft_masks: torch.Tensor | None = None
     image_size: tuple[int, int] = (0, 0)
     class_names_table: tuple[str, ...] = field(default=(), repr=False)
@@ -95,10 +101,14 @@ class Result:
         """Write the overlay picture to ``path`` (PNG/JPEG by suffix) and return the path."""
         from PIL import Image  # noqa: PLC0415
 
+        from maskrcnn.atomic import atomic_write  # noqa: PLC0415
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(self.plot(image, **kwargs)).save(path)
-        return path
+        fmt = Image.registered_extensions().get(path.suffix.lower())
+        if fmt is None:
+            raise ValueError(f"{path}: unknown picture format {path.suffix!r}; use .png or .jpg")
+        picture = self.plot(image, as_image=True, **kwargs)  # straight to PIL: no array copy of the picture
+        return atomic_write(path, True, lambda f: picture.save(f, format=fmt))
 
     def to_coco(self, image_id: int, **extra: Any) -> list[dict[str, Any]]:
         """COCO results records (bbox XYWH, score, category_id, RLE segmentation, keypoints) for this image.

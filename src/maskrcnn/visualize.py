@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from maskrcnn.structures import Result
+from maskrcnn.atomic import atomic_write
+from maskrcnn.structures import MaskCrops, Result
 
 __all__ = [
     "PALETTE",
@@ -42,6 +43,9 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 )
 
 RGB = tuple[int, int, int]
+
+# Rows blended per float pass: 512 rows of a 12000-pixel-wide picture are 74 MB of float32.
+_BLEND_BAND_ROWS = 512
 
 
 def color_for(index: int) -> RGB:
@@ -181,22 +185,26 @@ def draw_instances(
     show_boxes: bool = True,
     show_labels: bool = True,
     draw_contours: bool = True,
-) -> np.ndarray:
+    as_image: bool = False,
+) -> np.ndarray | Image.Image:
     """Draw N instances on ``image``: boxes (N, 4) XYXY px, masks (N, H, W) bool, N label strings -> (H, W, 3) uint8.
 
     ``colors`` gives one (R, G, B) 0..255 per instance (default: ``color_for(i)``). Instance 0 is drawn last, so
     with score-sorted input the best detection ends on top. Any of boxes / masks / labels_text may be None.
+    ``masks`` may be :class:`MaskCrops`, drawn from their windows. ``as_image`` returns the PIL image instead of
+    an array (one copy of a large picture fewer, for saving it).
     """
     out = to_hwc_uint8(image)
     height, width = out.shape[:2]
     box_arr = None if boxes is None else _as_numpy(boxes, np.float64).reshape(-1, 4)
-    mask_arr = None if masks is None else _as_numpy(masks)
+    # MaskCrops stay crops: drawing never needs an (N, H, W) array.
+    mask_arr = None if masks is None else masks if isinstance(masks, MaskCrops) else _as_numpy(masks)
     n = next((len(x) for x in (box_arr, mask_arr, labels_text) if x is not None), 0)
     for name, x in (("boxes", box_arr), ("masks", mask_arr), ("labels_text", labels_text)):
         if x is not None and len(x) != n:
             raise ValueError(f"{name} has {len(x)} entries, expected {n}")
     if n == 0:
-        return out
+        return Image.fromarray(out) if as_image else out
     if mask_arr is not None and tuple(mask_arr.shape[1:]) != (height, width):
         raise ValueError(f"masks are {tuple(mask_arr.shape[1:])}, the image is {(height, width)}")
     cols = [tuple(int(v) for v in c) for c in colors] if colors is not None else [color_for(i) for i in range(n)]
@@ -207,27 +215,41 @@ def draw_instances(
     order = range(n - 1, -1, -1)
 
     if show_masks and mask_arr is not None:
-        work = out.astype(np.float32)
         contour_iters = max(1, (lw + 1) // 2)
-        for i in order:
-            m = mask_arr[i] if mask_arr.dtype == np.bool_ else mask_arr[i] > 0.5
-            bounds = _bbox_of_mask(m)
-            if bounds is None:
+        shapes = []  # per instance: (y0, x0, tight crop, contour pixels) or None
+        for i in range(n):
+            found = _instance_crop(mask_arr, i)
+            if found is None:
+                shapes.append(None)
                 continue
-            y0, y1, x0, x1 = bounds
-            crop = m[y0:y1, x0:x1]
-            region = work[y0:y1, x0:x1]
-            color = np.asarray(cols[i], dtype=np.float32)
-            region[crop] = region[crop] * (1.0 - alpha) + color * alpha
-            if draw_contours:
-                # Inner boundary only, so the contour never paints outside the mask it outlines.
-                edge = crop & ~_erode(crop, contour_iters)
-                region[edge] = color
-        out = np.clip(np.rint(work), 0, 255).astype(np.uint8)
+            y0, x0, crop = found
+            # Inner boundary only, so the contour never paints outside the mask it outlines.
+            edge = crop & ~_erode(crop, contour_iters) if draw_contours else None
+            shapes.append((y0, x0, crop, edge))
+        # Blended in float one band of rows at a time, so the float copy never spans the whole picture;
+        # each pixel gets the same operations in the same order as a whole-image pass.
+        for b0 in range(0, height, _BLEND_BAND_ROWS):
+            b1 = min(b0 + _BLEND_BAND_ROWS, height)
+            band = out[b0:b1].astype(np.float32)
+            for i in order:
+                if shapes[i] is None:
+                    continue
+                y0, x0, crop, edge = shapes[i]
+                r0, r1 = max(y0, b0), min(y0 + crop.shape[0], b1)
+                if r1 <= r0:
+                    continue
+                region = band[r0 - b0: r1 - b0, x0: x0 + crop.shape[1]]
+                sub = crop[r0 - y0: r1 - y0]
+                color = np.asarray(cols[i], dtype=np.float32)
+                region[sub] = region[sub] * (1.0 - alpha) + color * alpha
+                if edge is not None:
+                    region[edge[r0 - y0: r1 - y0]] = color
+            out[b0:b1] = np.clip(np.rint(band), 0, 255).astype(np.uint8)
 
     if not ((show_boxes and box_arr is not None) or (show_labels and labels_text is not None)):
-        return out
+        return Image.fromarray(out) if as_image else out
     pil = Image.fromarray(out)
+    del out  # PIL holds its own copy now; a 12000x9000 picture is 0.3 GB
     draw = ImageDraw.Draw(pil)
     if show_boxes and box_arr is not None:
         for i in order:
@@ -251,16 +273,31 @@ def draw_instances(
             rect = _label_rect((right - left, bottom - top), pad, ref, height, width)
             draw.rectangle(rect, fill=cols[i])
             draw.text((rect[0] + pad - left, rect[1] + pad - top), text, fill=text_color_for(cols[i]), font=font)
-    return np.asarray(pil).copy()
+    return pil if as_image else np.array(pil)
 
 
-def _mask_corner(masks: np.ndarray | None, i: int) -> tuple[float, float, float, float]:
-    """Box XYXY of mask ``i`` (the image origin when there is no mask), to anchor a label without boxes."""
-    bounds = None if masks is None else _bbox_of_mask(masks[i] > 0)
+def _instance_crop(masks: np.ndarray | MaskCrops, i: int) -> tuple[int, int, np.ndarray] | None:
+    """(y0, x0, tight (h, w) bool crop) of mask ``i``'s True pixels, or None when it has none."""
+    if isinstance(masks, MaskCrops):
+        m = _as_numpy(masks.crop(i))
+        oy, ox = int(masks.offsets[i, 1]), int(masks.offsets[i, 0])
+    else:
+        m, oy, ox = masks[i], 0, 0
+    m = m if m.dtype == np.bool_ else m > 0.5
+    bounds = _bbox_of_mask(m) if m.size else None
     if bounds is None:
-        return 0.0, 0.0, 0.0, 0.0
+        return None
     y0, y1, x0, x1 = bounds
-    return float(x0), float(y0), float(x1), float(y1)
+    return oy + y0, ox + x0, m[y0:y1, x0:x1]
+
+
+def _mask_corner(masks: np.ndarray | MaskCrops | None, i: int) -> tuple[float, float, float, float]:
+    """Box XYXY of mask ``i`` (the image origin when there is no mask), to anchor a label without boxes."""
+    found = None if masks is None else _instance_crop(masks, i)
+    if found is None:
+        return 0.0, 0.0, 0.0, 0.0
+    y0, x0, crop = found
+    return float(x0), float(y0), float(x0 + crop.shape[1]), float(y0 + crop.shape[0])
 
 
 def joint_color(index: int, num_keypoints: int) -> RGB:
@@ -324,8 +361,10 @@ def draw_result(
     font_size: int | None = None,
     show_keypoints: bool = True,
     keypoint_threshold: float | None = None,
-) -> np.ndarray:
-    """Overlay of ``result``'s detections with score >= ``score_threshold`` on ``image``: (H, W, 3) uint8 RGB.
+    as_image: bool = False,
+) -> np.ndarray | Image.Image:
+    """Overlay of ``result``'s detections with score >= ``score_threshold`` on ``image``: (H, W, 3) uint8 RGB
+    (a PIL image with ``as_image``).
 
     ``image`` is (H, W, 3) uint8 numpy, a (3, H, W) uint8 or [0, 1] float tensor, or a path. Labels read
     "name 0.93". Colours follow each detection's index in the unfiltered result, so they stay put when the
@@ -338,8 +377,11 @@ def draw_result(
     texts = [f"{names[i]} {scores[i]:.2f}" for i in keep]
     masks = None
     if show_masks and result.masks is not None:
-        masks = _as_numpy(result.masks[torch.as_tensor(keep, dtype=torch.long)]
-                          if isinstance(result.masks, torch.Tensor) else np.asarray(result.masks)[keep])
+        if isinstance(result.masks, MaskCrops):
+            masks = result.masks.select(torch.as_tensor(keep, dtype=torch.long))
+        else:
+            masks = _as_numpy(result.masks[torch.as_tensor(keep, dtype=torch.long)]
+                              if isinstance(result.masks, torch.Tensor) else np.asarray(result.masks)[keep])
     boxes = _as_numpy(result.boxes, np.float64).reshape(-1, 4)[keep]
     out = draw_instances(image, boxes, masks, texts, colors=[color_for(i) for i in keep], alpha=alpha,
                          line_width=line_width, font_size=font_size, show_masks=show_masks,
@@ -348,7 +390,7 @@ def draw_result(
         kps = _as_numpy(result.keypoints, np.float64)[keep]
         thresh = result.keypoint_threshold if keypoint_threshold is None else keypoint_threshold
         out = draw_keypoints(out, kps, result.skeleton_table, thresh, line_width=line_width)
-    return out
+    return Image.fromarray(out) if as_image else out
 
 
 def _safe_name(name: str) -> str:
@@ -369,6 +411,6 @@ def save_mask_pngs(result: Result, out_dir: str | Path, stem: str) -> list[Path]
         m = _as_numpy(result.masks[i])
         m = m if m.dtype == np.bool_ else m > 0.5
         path = out_dir / f"{stem}_{i:03d}_{_safe_name(names[i])}.png"
-        Image.fromarray(np.ascontiguousarray(m)).save(path)
+        atomic_write(path, True, lambda f, m=m: Image.fromarray(np.ascontiguousarray(m)).save(f, format="PNG"))
         paths.append(path)
     return paths

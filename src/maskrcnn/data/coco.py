@@ -8,17 +8,18 @@ import copy
 import io
 import json
 import math
+import posixpath
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import numpy as np
 import torch
 
 from maskrcnn.data.samplers import sample_generator
-from maskrcnn.io import read_image
+from maskrcnn.io import ImageReadError, read_image
 from maskrcnn.ops.masks import segmentation_to_bitmap
 
 # A transform takes (image (3,H,W) uint8, target dict, generator or None) and returns (image, target).
@@ -26,10 +27,50 @@ Transform = Callable[[torch.Tensor, dict[str, Any], "torch.Generator | None"], t
 
 # Fewer than this many numbers cannot describe a polygon (3 points of x, y).
 _MIN_POLYGON_NUMBERS = 6
+# A polygon vertex farther outside the image than this many image sizes is not a labelling slip (those are
+# clipped) but corrupt data, e.g. coordinates written in another unit or garbage bytes.
+ABSURD_COORDINATE_FACTOR = 1.0
 
 
 class DatasetError(ValueError):
     """An annotation file or entry that cannot be used; the message names the file and the entry."""
+
+
+class ImageSizeError(DatasetError):
+    """An image whose decoded size differs from the size its annotation file gives; the message names both."""
+
+
+# A training sample whose image raises one of these is skipped and replaced (data.loader.SeededSamples).
+BAD_IMAGE_ERRORS: tuple[type[Exception], ...] = (ImageReadError, ImageSizeError)
+
+
+def escapes_folder(file_name: str) -> bool:
+    """True when ``file_name`` (as a COCO ``file_name``) is absolute or climbs out of its folder with ``..``."""
+    text = str(file_name).replace("\\", "/")
+    if text.startswith("/") or PureWindowsPath(str(file_name)).drive:
+        return True
+    return posixpath.normpath(text).split("/")[0] == ".."
+
+
+def polygon_problem(poly: Any, height: int, width: int) -> str | None:
+    """Why a COCO polygon ``[x0, y0, x1, y1, ...]`` (pixels of an HxW image) is unusable, or None when it is fine.
+
+    Raises ValueError for a part that is not a flat list of numbers: a malformed file rather than bad values.
+    """
+    if not isinstance(poly, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly):
+        raise ValueError(f"a polygon must be a flat list of numbers, got {str(poly)[:80]}")
+    if len(poly) < _MIN_POLYGON_NUMBERS:
+        return "polygon parts with fewer than 3 points"
+    values = np.asarray(poly, dtype=np.float64)
+    if not np.isfinite(values).all():
+        return "polygon parts with NaN or infinite coordinates"
+    xs, ys = values[0:len(values) // 2 * 2:2], values[1:len(values) // 2 * 2:2]
+    fx, fy = ABSURD_COORDINATE_FACTOR * width, ABSURD_COORDINATE_FACTOR * height
+    if xs.min() < -fx or xs.max() > width + fx or ys.min() < -fy or ys.max() > height + fy:
+        return (f"polygon parts with absurd coordinates (more than {ABSURD_COORDINATE_FACTOR:g} image size "
+                f"outside the image)")
+    return None
 
 
 def load_coco_json(path: str | Path) -> dict[str, Any]:
@@ -92,6 +133,7 @@ class CocoDataset(torch.utils.data.Dataset):
         masks: bool = True,
         min_keypoints_per_image: int = 0,
         keypoint_offset: float = 0.0,
+        allow_outside_images: bool = False,
     ) -> None:
         """Parse ``ann_file``; ``category_ids`` (default: all, sorted) fixes label i -> category_ids[i-1].
 
@@ -103,6 +145,8 @@ class CocoDataset(torch.utils.data.Dataset):
         ``min_keypoints_per_image`` visible keypoints in all are left out (detectron2's MIN_KEYPOINTS_PER_IMAGE);
         ``keypoint_offset`` is added to x and y (0.5 makes COCO's integer pixel indices continuous coordinates, as
         detectron2 does). masks: read the segmentations (False: boxes, labels and keypoints only).
+        allow_outside_images: accept ``file_name`` entries that are absolute or lead out of ``image_dir`` with
+        ``..`` (refused by default: an annotation file should not make training read arbitrary files).
         """
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
@@ -136,6 +180,13 @@ class CocoDataset(torch.utils.data.Dataset):
             self.keypoint_names, self.skeleton = self._keypoint_definition([cats[c] for c in ids])
 
         images = {int(im["id"]): im for im in self._data["images"]}
+        if not allow_outside_images:
+            for im in self._data["images"]:
+                if escapes_folder(im["file_name"]):
+                    raise DatasetError(
+                        f"{self.ann_file}: image id {im['id']} has file_name {im['file_name']!r}, which lies outside "
+                        f"the image folder {self.image_dir}; pass --allow-outside-images "
+                        f"(allow_outside_images=True) if the file is meant to be read from there")
         per_image: dict[int, list[tuple[np.ndarray, int, Any]]] = {i: [] for i in images}
         per_image_kps: dict[int, list[np.ndarray]] = {i: [] for i in images}
         dropped: Counter[str] = Counter()
@@ -247,13 +298,17 @@ class CocoDataset(torch.utils.data.Dataset):
             return box, None
         segm = ann.get("segmentation")
         if isinstance(segm, list):
-            polys = [p for p in segm if isinstance(p, (list, tuple)) and len(p) >= _MIN_POLYGON_NUMBERS]
+            problems = [polygon_problem(p, height, width) for p in segm]
+            polys = [p for p, why in zip(segm, problems) if why is None]
             if not polys:
-                dropped["annotations whose polygons all have fewer than 3 points"] += 1
+                worst = next((w for w in problems if w and "fewer" not in w), None)
+                dropped[f"annotations whose polygons are all unusable ({worst})" if worst else
+                        "annotations whose polygons all have fewer than 3 points"] += 1
                 return None
-            if len(polys) < len(segm):
-                # Such parts have no area; the instance keeps its other parts.
-                dropped["polygon parts with fewer than 3 points (instance kept)"] += len(segm) - len(polys)
+            for why in problems:
+                # Such parts have no area (or no meaning); the instance keeps its other parts.
+                if why is not None:
+                    dropped[f"{why} (instance kept)"] += 1
             segm = [[float(v) for v in p[: len(p) // 2 * 2]] for p in polys]
         elif isinstance(segm, dict):
             if "counts" not in segm or "size" not in segm:
@@ -326,7 +381,7 @@ class CocoDataset(torch.utils.data.Dataset):
         array = read_image(path)
         height, width = array.shape[:2]
         if (height, width) != (int(info["height"]), int(info["width"])):
-            raise DatasetError(f"{path}: image is {width}x{height} (after EXIF orientation) but {self.ann_file} "
+            raise ImageSizeError(f"{path}: image is {width}x{height} (after EXIF orientation) but {self.ann_file} "
                                f"says {info['width']}x{info['height']}; the masks would not line up")
         image = torch.from_numpy(array).permute(2, 0, 1).contiguous()
         anns = self._anns[index]

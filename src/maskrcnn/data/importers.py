@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from maskrcnn.atomic import atomic_write_text
 from maskrcnn.data.coco import DatasetError
 from maskrcnn.io import IMAGE_EXTENSIONS, read_image_size
 
@@ -41,7 +42,7 @@ def _write_coco(out_json: str | Path, images: list[dict[str, Any]], annotations:
     out_json.parent.mkdir(parents=True, exist_ok=True)
     data = {"info": {"description": description}, "images": images, "annotations": annotations,
             "categories": categories}
-    out_json.write_text(json.dumps(data))
+    atomic_write_text(out_json, json.dumps(data))
 
 
 def _read_names(path: Path) -> list[str]:

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from maskrcnn.atomic import atomic_write_text
 from maskrcnn.ops.masks import encode_rle, polygons_to_bitmap
 
 CATEGORIES: list[dict[str, Any]] = [
@@ -176,5 +177,5 @@ def generate_shapes(
         "categories": CATEGORIES,
     }
     ann_path = out_dir / "annotations.json"
-    ann_path.write_text(json.dumps(data))
+    atomic_write_text(ann_path, json.dumps(data))
     return ann_path

@@ -8,16 +8,19 @@ numpy objects), so resuming never unpickles arbitrary code.
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from maskrcnn.atomic import atomic_save, atomic_write_text, remove_stale_temp
+
+__all__ = ["CheckpointManager", "atomic_save", "atomic_write_text", "checkpoint_name", "get_rng_state",
+           "load_checkpoint", "module_generators", "remove_stale_temp", "set_rng_state"]
 
 CHECKPOINT_PATTERN = re.compile(r"^model_(\d{7,})\.pt$")
 POINTER_NAME = "last_checkpoint"
@@ -26,45 +29,6 @@ POINTER_NAME = "last_checkpoint"
 def checkpoint_name(iteration: int) -> str:
     """File name of the checkpoint taken after ``iteration`` completed iterations."""
     return f"model_{iteration:07d}.pt"
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform (e.g. Windows), hence best effort.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write(path: str | Path, binary: bool, write: Callable[[IO[Any]], None]) -> Path:
-    """Run ``write`` on a temp file in the target's directory, fsync, then ``os.replace`` it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temp file in the target's directory, fsync, then ``os.replace`` onto ``path``."""
-    return _atomic_write(path, True, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temp file in the same directory + ``os.replace``)."""
-    return _atomic_write(path, False, lambda f: f.write(text))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from maskrcnn.engine.runs import evaluate_run, train_run
+from maskrcnn.engine.runs import RunExistsError, evaluate_run, holds_run, train_run
 
 logger = logging.getLogger("maskrcnn.engine.demo")
 
@@ -52,8 +52,14 @@ def scale_schedule(cfg: Any, max_iter: int) -> Any:
 
 
 def run_demo(out_dir: str | Path, settings: DemoSettings = DEMO, overrides: Sequence[str] = (),
-             device: str | None = None) -> dict[str, Any]:
-    """Shapes data -> train ``settings.preset`` -> evaluate -> overlays; returns the validation metrics."""
+             device: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Shapes data -> train ``settings.preset`` -> evaluate -> overlays; returns the validation metrics.
+
+    An ``out_dir`` that holds an earlier demo run is refused unless ``overwrite``.
+    """
+    if holds_run(out_dir) and not overwrite:
+        raise RunExistsError(f"{out_dir} holds an earlier run; pass --overwrite to replace it (or choose another "
+                             f"--out)")
     from maskrcnn.config import apply_overrides, get_preset  # noqa: PLC0415
     from maskrcnn.data.shapes import generate_shapes  # noqa: PLC0415
     from maskrcnn.predict import Predictor  # noqa: PLC0415
@@ -72,7 +78,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DEMO, overrides: Sequ
     cfg = apply_overrides(cfg, list(overrides))
     if device is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
-    model, _ = train_run(cfg, train_ann, train_dir, out_dir)
+    model, _ = train_run(cfg, train_ann, train_dir, out_dir, overwrite=overwrite)
     model.eval()
     metrics = evaluate_run(model, val_ann, val_dir, out_dir, progress=False)
     predictor = Predictor(model, score_threshold=settings.overlay_score_threshold, progress=False)

@@ -21,6 +21,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from maskrcnn.atomic import atomic_write_json
 from maskrcnn.engine import dist as du
 from maskrcnn.io import prefetch, read_image
 from maskrcnn.structures import Result, results_to_coco
@@ -95,11 +96,7 @@ class CocoResultWriter:
 
     def write(self, path: str | Path) -> Path:
         """Write the records as a COCO results JSON list to ``path``; returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w") as f:
-            json.dump(self.records, f, default=_json_default)
-        return path
+        return atomic_write_json(path, self.records, default=_json_default)
 
 
 def _json_default(obj: Any) -> Any:
@@ -483,8 +480,7 @@ class Evaluator:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             writer.write(self.out_dir / "results.json")
             info = {"num_images": len(self.image_ids), "num_detections": len(writer), "predict_seconds": seconds}
-            with (self.out_dir / "metrics.json").open("w") as f:
-                json.dump({**_json_metrics(metrics), "info": info}, f, indent=2)
+            atomic_write_json(self.out_dir / "metrics.json", {**_json_metrics(metrics), "info": info}, indent=2)
         return metrics
 
     __call__ = evaluate

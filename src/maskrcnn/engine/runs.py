@@ -16,8 +16,50 @@ from typing import Any
 
 logger = logging.getLogger("maskrcnn.engine.runs")
 
-__all__ = ["apply_model_overrides", "dataset_options", "evaluate_run", "flat_metrics", "init_from",
-           "label_category_ids", "train_run", "with_dataset_classes"]
+__all__ = ["RUN_FILES", "RunExistsError", "apply_model_overrides", "dataset_options", "evaluate_run",
+           "flat_metrics", "holds_run", "init_from", "label_category_ids", "train_run", "validation_losses",
+           "with_dataset_classes"]
+
+# What a training run writes into its folder; --overwrite deletes exactly these (and nothing else of the folder).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "model_final", "model_best", "eval", "loss_curves.png",
+             "skipped_images.txt", "tensorboard")
+
+
+class RunExistsError(ValueError):
+    """``train_run`` into a folder that holds an earlier run, without ``resume`` or ``overwrite``."""
+
+
+def holds_run(out_dir: str | Path) -> bool:
+    """True when ``out_dir`` holds files of a training run (its config, metrics, checkpoints or final model)."""
+    out_dir = Path(out_dir)
+    ckpts = out_dir / "checkpoints"
+    return (any((out_dir / name).exists() for name in ("config.yaml", "metrics.jsonl", "model_final"))
+            or (ckpts.is_dir() and any(ckpts.iterdir())))
+
+
+def _prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into an earlier run unless resuming; with ``overwrite`` delete that run's files first."""
+    import shutil  # noqa: PLC0415
+
+    from maskrcnn.engine import dist as du  # noqa: PLC0415
+
+    if resume and overwrite:
+        raise RunExistsError("resume and overwrite exclude each other: --resume continues the run in the folder, "
+                             "--overwrite deletes it")
+    if resume or not holds_run(out_dir):
+        return
+    if not overwrite:
+        raise RunExistsError(f"{out_dir} holds an earlier training run; pass --resume to continue it or "
+                             f"--overwrite to delete it and start afresh (or choose another --out)")
+    if du.get_rank() == 0:
+        logger.warning("--overwrite: deleting the earlier run in %s", out_dir)
+        for name in RUN_FILES:
+            target = out_dir / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+    du.barrier()
 
 
 def with_dataset_classes(cfg: Any, dataset: Any) -> Any:
@@ -80,26 +122,73 @@ def init_from(model: Any, source: str) -> None:
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float | None]:
-    """{"bbox": {"AP": x}} -> {"bbox_AP": x}; nan -> None so metrics.jsonl stays strict JSON."""
+    """{"bbox": {"AP": x}} -> {"bbox_AP": x} for every IoU type; nan -> None so metrics.jsonl stays strict JSON."""
     out: dict[str, float | None] = {}
-    for t in ("bbox", "segm", "keypoints"):
-        for k, v in (metrics.get(t) or {}).items():
-            out[f"{t}_{k}"] = None if isinstance(v, float) and math.isnan(v) else v
+    for t, table in metrics.items():
+        if t in ("per_class", "info") or not isinstance(table, dict):
+            continue
+        for k, v in table.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"{t}_{k}"] = None if isinstance(v, float) and math.isnan(v) else v
     return out
+
+
+def validation_losses(model: Any, dataset: Any, batch_size: int = 1) -> dict[str, float]:
+    """Mean training losses of ``model`` over ``dataset`` (this process's share), as ``{"val_<term>": value}``.
+
+    The model runs in training mode (losses need it) without gradients, with its BatchNorm layers kept in eval
+    mode so that validation images do not move their running statistics. Proposal sampling draws from the
+    global RNG: the trainer saves and restores it around evaluations.
+    """
+    import torch  # noqa: PLC0415
+
+    from maskrcnn.data import build_test_loader  # noqa: PLC0415
+    from maskrcnn.engine import dist as du  # noqa: PLC0415
+
+    rank, world = du.get_rank(), du.get_world_size()
+    shard = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
+    sums: dict[str, float] = {}
+    count = 0
+    was_training = model.training
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for images, targets in build_test_loader(shard, batch_size=batch_size):
+                targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+                           for t in targets]
+                losses = model([im.to(device) for im in images], targets)
+                total = 0.0
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * len(images)
+                    total += float(v)
+                sums["total_loss"] = sums.get("total_loss", 0.0) + total * len(images)
+                count += len(images)
+    finally:
+        model.train(was_training)
+    parts = du.all_gather_object((sums, count))
+    n = sum(c for _, c in parts)
+    keys = sorted({k for s, _ in parts for k in s})
+    return {f"val_{k}": sum(s.get(k, 0.0) for s, _ in parts) / n for k in keys} if n else {}
 
 
 def train_run(cfg: Any, data: str | Path, images: str | Path, out_dir: str | Path,
                  val_data: str | Path | None = None, val_images: str | Path | None = None,
-                 init_weights: str | None = None, resume: bool = False) -> tuple[Any, dict[str, Any] | None]:
+                 init_weights: str | None = None, resume: bool = False, overwrite: bool = False,
+                 allow_outside_images: bool = False) -> tuple[Any, dict[str, Any] | None]:
     """Train ``cfg`` (classes taken from the dataset) into ``out_dir``; returns (model, last eval metrics or None).
 
-    Writes config.yaml, metrics.jsonl, checkpoints/, loss_curves.png, model_final/ and, with validation data,
+    A folder that holds an earlier run is refused (:class:`RunExistsError`) unless ``resume`` continues it or
+    ``overwrite`` deletes it first. Writes config.yaml, metrics.jsonl, checkpoints/, loss_curves.png, model_final/ and, with validation data,
     eval/metrics.json and eval/results.json.
     """
     from maskrcnn.data import CocoDataset, build_transforms  # noqa: PLC0415
     from maskrcnn.data.coco import DatasetError  # noqa: PLC0415
     from maskrcnn.engine.evaluator import Evaluator, iou_types_for  # noqa: PLC0415
-    from maskrcnn.engine.trainer import Trainer  # noqa: PLC0415
+    from maskrcnn.engine.trainer import Trainer, seed_all  # noqa: PLC0415
     from maskrcnn.modeling.mask_rcnn import MaskRCNN  # noqa: PLC0415
 
     for path, what in ((data, "training annotations"), (images, "training image folder"),
@@ -107,13 +196,17 @@ def train_run(cfg: Any, data: str | Path, images: str | Path, out_dir: str | Pat
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{path}: {what} not found")
     out_dir = Path(out_dir)
+    _prepare_run_dir(out_dir, resume, overwrite)
     train_ds = CocoDataset(data, images, filter_empty=cfg.train.filter_empty, seed=cfg.train.seed,
-                           **dataset_options(cfg))
+                           allow_outside_images=allow_outside_images, **dataset_options(cfg))
     if len(train_ds) == 0:
         raise DatasetError(f"{data}: no training images with usable annotations")
     cfg = with_dataset_classes(cfg, train_ds)
     # After the classes: a keypoint flip needs the dataset's keypoint names.
     train_ds.transforms = build_transforms(cfg, train=True)
+    # The initial weights are drawn from the global RNG: seeded here, the same seed gives the same run. Every
+    # rank draws the same weights (DDP would broadcast rank 0's anyway).
+    seed_all(cfg.train.seed)
     model = MaskRCNN(cfg)
     if init_weights is not None:
         init_from(model, init_weights)
@@ -123,26 +216,31 @@ def train_run(cfg: Any, data: str | Path, images: str | Path, out_dir: str | Pat
     if val_data is not None:
         # The validation labels must mean what the training labels mean.
         val_ds = CocoDataset(val_data, val_images or images, filter_empty=False, category_ids=train_ds.category_ids,
-                             masks=cfg.model.mask_head.enabled)
+                             masks=cfg.model.mask_head.enabled, allow_outside_images=allow_outside_images)
+        # The same images with targets at the test-time size, for the validation losses.
+        loss_ds = CocoDataset(val_data, val_images or images, transforms=build_transforms(cfg, train=False),
+                              filter_empty=cfg.train.filter_empty, category_ids=train_ds.category_ids,
+                              allow_outside_images=allow_outside_images, **dataset_options(cfg))
 
         def eval_fn(m: Any, iteration: int) -> dict[str, Any]:
-            """COCO AP on the validation set, flattened for metrics.jsonl; also writes out_dir/eval/."""
+            """Validation losses and COCO AP, flattened for metrics.jsonl; also writes out_dir/eval/."""
+            losses = validation_losses(m, loss_ds) if len(loss_ds) else {}
+            m.eval()
             ev = Evaluator.from_dataset(val_ds, progress=False, out_dir=out_dir / "eval",
                                         iou_types=iou_types_for(cfg.model),
                                         kpt_oks_sigmas=cfg.model.keypoint_head.oks_sigmas)
             last["metrics"] = ev.evaluate(m)
-            return flat_metrics(last["metrics"])
+            return {**losses, **flat_metrics(last["metrics"])}
 
-    trainer = Trainer(model, cfg, train_ds, out_dir, eval_fn=eval_fn)
+    from maskrcnn.weights.native import save_model  # noqa: PLC0415
+
+    trainer = Trainer(model, cfg, train_ds, out_dir, eval_fn=eval_fn, save_model=save_model)
     result = trainer.train(resume=resume)
     if trainer.rank != 0:
         return trainer.model, last.get("metrics")
-    from maskrcnn.weights.native import save_model  # noqa: PLC0415
-
-    final = save_model(trainer.model, out_dir / "model_final")
     losses = result.get("losses") or {}
     logger.info("finished at iteration %d, total_loss %s; model saved to %s", result.get("iteration", 0),
-                f"{losses['total_loss']:.4f}" if "total_loss" in losses else "-", final)
+                f"{losses['total_loss']:.4f}" if "total_loss" in losses else "-", out_dir / "model_final")
     return trainer.model, last.get("metrics")
 
 
@@ -175,10 +273,12 @@ def label_category_ids(model: Any, dataset: Any) -> list[int]:
 
 
 def evaluate_run(model: Any, data: str | Path, images: str | Path, out_dir: str | Path, batch_size: int = 1,
-                progress: bool | None = None) -> dict[str, Any]:
+                progress: bool | None = None, allow_outside_images: bool = False,
+                max_pixels: int | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on a COCO dataset; writes out_dir/metrics.json and results.json; returns the metrics.
 
-    ``progress`` None shows a bar only when stderr is a terminal.
+    ``progress`` None shows a bar only when stderr is a terminal. ``max_pixels`` refuses, before any work, a
+    dataset with an image of more pixels (height x width, as the JSON gives them).
     """
     from maskrcnn.data import CocoDataset  # noqa: PLC0415
     from maskrcnn.engine.evaluator import Evaluator, iou_types_for  # noqa: PLC0415
@@ -186,8 +286,21 @@ def evaluate_run(model: Any, data: str | Path, images: str | Path, out_dir: str 
     for path, what in ((data, "annotations"), (images, "image folder")):
         if not Path(path).exists():
             raise FileNotFoundError(f"{path}: {what} not found")
+    from maskrcnn.atomic import remove_stale_temp  # noqa: PLC0415
+
+    remove_stale_temp(out_dir)  # left by an evaluation killed while writing its JSON
     m = model.cfg.model
-    dataset = CocoDataset(data, images, filter_empty=False, masks=m.mask_head.enabled)
+    dataset = CocoDataset(data, images, filter_empty=False, masks=m.mask_head.enabled,
+                          allow_outside_images=allow_outside_images)
+    if max_pixels is not None:
+        big = [dataset.get_image_info(i) for i in range(len(dataset))]
+        big = [im for im in big if int(im["width"]) * int(im["height"]) > max_pixels]
+        if big:
+            from maskrcnn.data.coco import DatasetError  # noqa: PLC0415
+
+            listed = ", ".join(f"id {im['id']} ({im['file_name']}, {im['width']}x{im['height']})" for im in big[:3])
+            raise DatasetError(f"{data}: {len(big)} images have more than --max-pixels {max_pixels} pixels: "
+                               f"{listed}{' ...' if len(big) > 3 else ''}; raise the limit or leave them out")
     if progress is None:
         progress = sys.stderr.isatty()  # a bar redrawn into a log file is noise
     ev = Evaluator.from_dataset(dataset, category_ids=label_category_ids(model, dataset), batch_size=batch_size,

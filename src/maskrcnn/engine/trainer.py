@@ -16,6 +16,11 @@ image tensors and a list of target dicts (``boxes``, ``labels``, ``masks``, ``im
    describe the batches the trainer has *consumed* (beware of worker prefetch). Otherwise the trainer
    re-iterates it from the start and skips the first ``k`` batches. It is re-iterated when exhausted (epochs).
 
+A target may list, under ``"skipped_images"``, the images that the loader could not read and replaced by this
+sample (``[(file, reason), ...]``, as ``maskrcnn.data.SeededSamples`` does). The trainer logs each, lists them in
+``skipped_images.txt`` and stops with :class:`TooManyBadImagesError` once more than
+``train.max_bad_image_fraction`` of the images are unreadable.
+
 For a bit-identical resume, the content of the batch of iteration ``i`` (order *and* augmentation) must depend
 only on ``(seed, i)`` -- e.g. a per-iteration ``torch.Generator`` seeded from both -- and never on global RNG
 state or on worker seeds drawn when an iterator is created. The trainer restores the global torch / CUDA /
@@ -48,6 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from maskrcnn.atomic import atomic_write, remove_stale_temp
 from maskrcnn.config import Config, save_config
 from maskrcnn.engine import dist as du
 from maskrcnn.engine.checkpoint import (CheckpointManager, atomic_write_text, get_rng_state, load_checkpoint,
@@ -57,9 +63,12 @@ from maskrcnn.engine.schedule import WarmupLRFactor, build_lr_scheduler, build_o
 __all__ = [
     "NonFiniteLossError",
     "NonFiniteWeightsError",
+    "TooManyBadImagesError",
     "Trainer",
     "build_lr_scheduler",
+    "best_metric_name",
     "build_optimizer",
+    "loss_curves_figure",
     "plot_loss_curves",
     "read_metrics",
     "resolve_device",
@@ -70,6 +79,9 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "maskrcnn-train-checkpoint"
 CHECKPOINT_VERSION = 1
+
+SKIPPED_KEY = "skipped_images"  # the target key maskrcnn.data.loader.SKIPPED_KEY writes
+SKIPPED_FILE = "skipped_images.txt"
 
 Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
 EvalFn = Callable[[nn.Module, int], dict[str, Any]]
@@ -93,6 +105,10 @@ class NonFiniteLossError(FloatingPointError):
 
 class NonFiniteWeightsError(FloatingPointError):
     """Model weights hold NaN/inf at a checkpoint; the checkpoint is not written."""
+
+
+class TooManyBadImagesError(ValueError):
+    """More than ``train.max_bad_image_fraction`` of the training images could not be read."""
 
 
 def seed_all(seed: int) -> None:
@@ -147,6 +163,12 @@ class _DataStream:
         self._loader: Any = None
         self._it: Iterator[Any] | None = None
         self._warned = False
+        # Number of images the data covers (None when it cannot be told): the base of max_bad_image_fraction.
+        dataset = source if isinstance(source, torch.utils.data.Dataset) else getattr(source, "dataset", None)
+        try:
+            self.num_images: int | None = len(dataset) if dataset is not None else None
+        except TypeError:
+            self.num_images = None
         if isinstance(source, torch.utils.data.Dataset) and not isinstance(source, torch.utils.data.IterableDataset):
             try:
                 from maskrcnn.data import build_train_loader  # noqa: PLC0415 - only needed for datasets
@@ -243,6 +265,36 @@ def _maybe_sync_bn(model: nn.Module, cfg: Config, device: torch.device) -> nn.Mo
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
+def best_metric_name(cfg: Config) -> str:
+    """``train.best_metric``, with "auto" resolved: keypoints_AP for keypoint models, else segm_AP, else bbox_AP."""
+    name = str(cfg.train.best_metric)
+    if name != "auto":
+        return name
+    keypoints = getattr(cfg.model, "keypoint_head", None)
+    if keypoints is not None and getattr(keypoints, "enabled", False):
+        return "keypoints_AP"
+    return "segm_AP" if cfg.model.mask_head.enabled else "bbox_AP"
+
+
+def _lower_is_better(metric: str) -> bool:
+    """Losses are minimised; everything else (AP, AR) is maximised."""
+    return "loss" in metric
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _merge_skipped(lists: Iterable[list[list[Any]]]) -> list[list[Any]]:
+    """[file, first iteration, reason] entries of several processes, one per file (its earliest), sorted."""
+    merged: dict[str, list[Any]] = {}
+    for entries in lists:
+        for f, i, r in entries:
+            if f not in merged or int(i) < int(merged[f][1]):
+                merged[f] = [f, int(i), r]
+    return [merged[f] for f in sorted(merged)]
+
+
 def _stream_seed(seed: int, rank: int, start_iter: int) -> int:
     """Seed of a rank's RNG streams when a resume cannot restore them (the checkpoint's world size differs)."""
     return int(np.random.SeedSequence([seed, rank, start_iter]).generate_state(1)[0])
@@ -306,17 +358,27 @@ class Trainer:
     """Trains ``model`` for ``cfg.solver.max_iter`` iterations, writing everything under ``out_dir``.
 
     Files: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/model_{iter:07d}.pt`` + ``checkpoints/last_checkpoint``,
-    ``loss_curves.png`` (with matplotlib) and TensorBoard events under ``tensorboard/`` (when enabled).
+    ``loss_curves.png`` (with matplotlib) and TensorBoard events under ``tensorboard/`` (when enabled). With
+    ``save_model`` (``fn(model, folder)``, e.g. :func:`maskrcnn.weights.save_model`) also ``model_final/``, written
+    before the final evaluation so that a failing evaluation loses only the metrics, and, with ``eval_fn``,
+    ``model_best/``: the weights of the evaluation with the best ``train.best_metric``. ``train.patience`` stops
+    the run after that many evaluations without a new best.
     """
 
     def __init__(self, model: nn.Module, cfg: Config, train_loader_or_dataset: Any, out_dir: str | Path,
-                 eval_fn: EvalFn | None = None, device: str | torch.device | None = None) -> None:
+                 eval_fn: EvalFn | None = None, device: str | torch.device | None = None,
+                 save_model: Callable[[nn.Module, Path], Any] | None = None) -> None:
         """Set up device, optimiser, schedule, AMP and data; the data follows the module docstring's contract."""
         self.cfg = cfg
         self.solver = cfg.solver
         self.max_iter = int(cfg.solver.max_iter)
         self.out_dir = Path(out_dir)
         self.eval_fn = eval_fn
+        self.save_model_fn = save_model
+        # The best evaluation so far ("value" None before the first) and evaluations since it (for patience).
+        self.best: dict[str, Any] = {"metric": best_metric_name(cfg), "value": None, "iteration": None,
+                                     "since": 0}
+        self.stopped_early = False
         self.rank = du.get_rank()
         self.world_size = du.get_world_size()
         self.is_main = self.rank == 0
@@ -354,6 +416,10 @@ class Trainer:
         # Per-iteration values of this process's run: {"iter", "lr", "total_loss", <loss terms>}.
         self.history: list[dict[str, float]] = []
         self.last_eval: dict[str, Any] | None = None
+        # Training images this process could not read: file -> (first iteration, reason).
+        self.skipped: dict[str, tuple[int, str]] = {}
+        # Rank 0: every process's skipped images as of the last checkpoint ([file, iteration, reason] entries).
+        self._gathered_skips: list[list[Any]] = []
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -408,7 +474,8 @@ class Trainer:
     def save_checkpoint(self, iteration: int) -> Path | None:
         """Write the full training state after ``iteration`` completed iterations (path on rank 0, else None)."""
         self._check_weights_finite(iteration)
-        rank_states = du.all_gather_object({**self._rng_state(), "data": self._data.state(iteration)})
+        rank_states = du.all_gather_object({**self._rng_state(), "data": self._data.state(iteration),
+                                            "skipped": self._skipped_list()})
         path = None
         if self.is_main:
             state = {
@@ -422,7 +489,11 @@ class Trainer:
                 "world_size": self.world_size,
                 "rank_states": rank_states,
                 "config": self.cfg.to_dict(),
+                "best": dict(self.best),
             }
+            self._gathered_skips = _merge_skipped(st.get("skipped") or [] for st in rank_states)
+            if self._gathered_skips:
+                self._write_skipped()
             path = self.checkpoints.save(iteration, state)
             logger.info("saved checkpoint %s", path)
         du.barrier()
@@ -488,6 +559,10 @@ class Trainer:
                                "not repeat a %d-process run exactly", len(states), self.world_size, len(states))
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            # A run killed while writing leaves hidden temporaries; no other process writes here now.
+            for folder in (self.out_dir, self.checkpoints.directory, self.out_dir / "eval"):
+                for p in remove_stale_temp(folder):
+                    logger.info("removed %s, left by an interrupted write", p)
             save_config(self.cfg, self.out_dir / "config.yaml")
             if not resume and self.checkpoints.list_checkpoints():
                 logger.warning("%s already holds checkpoints from an earlier run; they will be overwritten or "
@@ -503,6 +578,13 @@ class Trainer:
             if start_iter < self.max_iter:
                 self._data.start(start_iter, rank_state["data"] if rank_state else None)
             if rank_state is not None:
+                self.skipped = {f: (int(i), str(r)) for f, i, r in rank_state.get("skipped") or []}
+            if ckpt is not None and self.is_main:
+                self._gathered_skips = _merge_skipped(st.get("skipped") or [] for st in ckpt.get("rank_states") or [])
+            if ckpt is not None and isinstance(ckpt.get("best"), dict) and \
+                    ckpt["best"].get("metric") == self.best["metric"]:
+                self.best = dict(ckpt["best"])
+            if rank_state is not None:
                 self._set_rng_state(rank_state)
             elif ckpt is None:
                 # A different stream per rank (proposal sampling, any global-RNG augmentation), the same streams
@@ -513,7 +595,12 @@ class Trainer:
             self._train_model.train()
             bar = self._open_bar(start_iter)
             try:
-                self._loop(start_iter, bar, tb)
+                if self._patience_ran_out():
+                    self.stopped_early = True  # the run being resumed had stopped early already
+                else:
+                    self._loop(start_iter, bar, tb)
+                if self.iteration >= self.max_iter and start_iter >= self.max_iter:
+                    self._save_model("model_final")  # resumed at the end: nothing trained, the model still goes out
             except Exception as e:
                 if self.world_size > 1 and du.is_peer_failure(e):
                     raise du.RankFailureError(
@@ -529,11 +616,16 @@ class Trainer:
                 tb.close()
         if self.is_main:
             plot_loss_curves(self.out_dir / "metrics.jsonl", self.out_dir / "loss_curves.png")
+            if self.skipped:
+                logger.warning("%d training image(s) could not be read and were replaced by others; they are "
+                               "listed in %s", len(self.skipped), self.out_dir / SKIPPED_FILE)
         return {
             "iteration": self.iteration,
             "losses": dict(self.history[-1]) if self.history else {},
             "eval": self.last_eval,
             "checkpoint": self.checkpoints.latest() if self.is_main else None,
+            "best": dict(self.best),
+            "stopped_early": self.stopped_early,
         }
 
     def _loop(self, start_iter: int, bar: Any, tb: Any) -> None:
@@ -549,6 +641,7 @@ class Trainer:
             it_num = i + 1  # 1-based: iterations completed once this one is done
             t0 = time.perf_counter()
             batch = self._data.next_batch(i)
+            self._note_skips(batch, it_num)
             images, targets = _to_device(batch, self.device)
             t_data = time.perf_counter() - t0
 
@@ -595,11 +688,70 @@ class Trainer:
                 elapsed = time.perf_counter() - loop_start
                 self._log(it_num, lr, window, window_n, elapsed / (it_num - start_iter), bar, tb)
                 window, window_n = {}, 0
-            if (ckpt_period > 0 and it_num % ckpt_period == 0) or it_num == self.max_iter:
-                self.save_checkpoint(it_num)
-            if self.eval_fn is not None and ((eval_period > 0 and it_num % eval_period == 0)
-                                             or it_num == self.max_iter):
+            final = it_num == self.max_iter
+            evaluate = self.eval_fn is not None and ((eval_period > 0 and it_num % eval_period == 0) or final)
+            if evaluate and not final:
+                # Before the checkpoint of the same iteration, so that it holds the best-model state.
                 self._evaluate(it_num, tb)
+            stop = evaluate and not final and self._patience_ran_out()
+            if (ckpt_period > 0 and it_num % ckpt_period == 0) or final or stop:
+                self.save_checkpoint(it_num)
+            if stop:
+                self.stopped_early = True
+                if self.is_main:
+                    logger.warning("early stop at iteration %d: %s has not improved on %s (iteration %s) for %d "
+                                   "evaluations (train.patience)", it_num, self.best["metric"],
+                                   _fmt(self.best["value"]), self.best["iteration"], self.best["since"])
+                self._save_model("model_final")
+                return
+            if final:
+                self._save_model("model_final")
+                if evaluate:
+                    try:
+                        self._evaluate(it_num, tb)
+                    except Exception:
+                        if self.is_main:
+                            logger.error("the final evaluation failed; the trained model is saved in %s",
+                                         self.out_dir / "model_final")
+                        raise
+
+    def _skipped_list(self) -> list[list[Any]]:
+        return [[f, i, r] for f, (i, r) in sorted(self.skipped.items())]
+
+    def _write_skipped(self) -> None:
+        entries = _merge_skipped([self._skipped_list(), self._gathered_skips])
+        lines = ["# training images that could not be read and were replaced: file<TAB>first iteration<TAB>reason"]
+        lines += [f"{f}\t{i}\t{r}" for f, i, r in entries]
+        atomic_write_text(self.out_dir / SKIPPED_FILE, "\n".join(lines) + "\n")
+
+    def _note_skips(self, batch: Any, it_num: int) -> None:
+        """Log and record the images the loader replaced in this batch; stop when too many are unreadable."""
+        targets = batch[1] if isinstance(batch, (tuple, list)) and len(batch) == 2 else ()
+        new = 0
+        for t in targets:
+            for file, reason in (t.get(SKIPPED_KEY) or ()) if isinstance(t, dict) else ():
+                if file in self.skipped:
+                    continue  # seen in an earlier epoch: already logged and listed
+                self.skipped[str(file)] = (it_num, str(reason))
+                new += 1
+                logger.warning("iteration %d: skipped training image %s (%s); another image of the dataset took "
+                               "its place (%d unreadable so far)", it_num, file, reason, len(self.skipped))
+        if not new:
+            return
+        if self.is_main:
+            self._write_skipped()
+        frac = float(self.cfg.train.max_bad_image_fraction)
+        total = self._data.num_images
+        if total is None:
+            return
+        share = total / self.world_size  # the images this process trains on
+        if len(self.skipped) > frac * share:
+            where = self.out_dir / SKIPPED_FILE if self.is_main else f"rank {self.rank}'s log"
+            raise TooManyBadImagesError(
+                f"{len(self.skipped)} of the {share:g} training images of this process could not be read, more "
+                f"than train.max_bad_image_fraction={frac:g} allows; training stopped at iteration {it_num} "
+                f"(they are listed in {where}). Check the data with 'maskrcnn data check', fix or remove them, "
+                f"or raise train.max_bad_image_fraction, then continue with --resume")
 
     def _log(self, it_num: int, lr: float, window: dict[str, float], n: int, sec_per_iter: float, bar: Any,
              tb: Any) -> None:
@@ -628,6 +780,36 @@ class Trainer:
                 if k not in ("type", "iter") and isinstance(v, (int, float)):
                     tb.add_scalar(f"train/{k}", v, it_num)
 
+    def _save_model(self, name: str) -> None:
+        """Write the bare model to ``out_dir/name`` through ``save_model`` (rank 0; no-op without it)."""
+        if self.save_model_fn is not None and self.is_main:
+            path = self.save_model_fn(self.model, self.out_dir / name)
+            logger.info("saved %s", path)
+        du.barrier()
+
+    def _patience_ran_out(self) -> bool:
+        patience = int(self.cfg.train.patience)
+        return patience > 0 and self.best["value"] is not None and int(self.best["since"]) >= patience
+
+    def _update_best(self, it_num: int, metrics: dict[str, Any]) -> None:
+        """Track ``train.best_metric`` over evaluations; a new best writes ``model_best/``."""
+        name = self.best["metric"]
+        value = metrics.get(name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            if self.is_main:
+                logger.warning("train.best_metric %r is not among this evaluation's finite values (%s); "
+                               "model_best/ and train.patience need it", name, ", ".join(sorted(metrics)) or "none")
+            return
+        lower = _lower_is_better(name)
+        best = self.best["value"]
+        if best is None or (value < best if lower else value > best):
+            self.best.update(value=float(value), iteration=it_num, since=0)
+            self._save_model("model_best")
+            if self.is_main:
+                logger.info("new best %s %s at iteration %d", name, _fmt(value), it_num)
+        else:
+            self.best["since"] = int(self.best["since"]) + 1
+
     def _evaluate(self, it_num: int, tb: Any) -> None:
         # Evaluation must not shift the training RNG streams, or a resumed run would diverge from the original.
         saved = self._rng_state()
@@ -639,6 +821,7 @@ class Trainer:
             self._train_model.train()
             self._set_rng_state(saved)
         self.last_eval = dict(metrics)
+        self._update_best(it_num, metrics)
         if self.is_main:
             self._metrics.write({"type": "eval", "iter": it_num, **metrics})
             logger.info("eval at iter %d: %s", it_num, json.dumps(metrics, default=_json_default))
@@ -685,33 +868,61 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_loss_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
-    """Plot each loss term, the total and the LR from ``metrics.jsonl`` to a PNG (None without matplotlib)."""
+    """Plot ``metrics.jsonl`` to a PNG: loss terms (validation losses as markers), evaluation AP, the LR.
+
+    Returns the path, or None without matplotlib or without training records.
+    """
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 - optional dependency
-        from matplotlib.figure import Figure  # noqa: PLC0415
+        fig = loss_curves_figure(read_metrics(metrics_path))
     except ImportError:
         logger.info("matplotlib is not installed; skipping %s (pip install matplotlib)", out_path)
         return None
-    records = [r for r in read_metrics(metrics_path) if r.get("type") == "train"]
-    if not records:
+    if fig is None:
         return None
-    keys = [k for k in records[0] if k.startswith("loss")] + ["total_loss"]
-    iters = [r["iter"] for r in records]
+    return atomic_write(out_path, True, lambda f: fig.savefig(f, format="png", dpi=100))
+
+
+def loss_curves_figure(records: list[dict[str, Any]]) -> Any:
+    """A matplotlib Figure of metrics.jsonl records (None without training records); raises ImportError without
+    matplotlib. Axes: losses per iteration (training lines, validation markers), AP of each evaluation, LR."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 - optional dependency
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    train = [r for r in records if r.get("type") == "train"]
+    evals = [r for r in records if r.get("type") == "eval"]
+    if not train:
+        return None
+    keys = [k for k in train[0] if k.startswith("loss")] + ["total_loss"]
+    iters = [r["iter"] for r in train]
+    val_keys = sorted({k for r in evals for k in r if k.startswith("val_") and "loss" in k})
+    ap_keys = sorted({k for r in evals for k in r if k.endswith("_AP") and isinstance(r.get(k), (int, float))})
     # Figure + Agg canvas directly: no pyplot global state, no GUI backend.
-    fig = Figure(figsize=(9, 6))
+    rows = 3 if ap_keys else 2
+    fig = Figure(figsize=(9, 8 if ap_keys else 6))
     FigureCanvasAgg(fig)
-    ax, ax_lr = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    axes = fig.subplots(rows, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2, 1] if ap_keys else [3, 1]})
+    ax, ax_lr = axes[0], axes[-1]
     for k in keys:
-        ys = [r.get(k, math.nan) for r in records]
-        ax.plot(iters, ys, label=k, linewidth=2.0 if k == "total_loss" else 1.0)
+        ys = [r.get(k, math.nan) for r in train]
+        line = ax.plot(iters, ys, label=k, linewidth=2.0 if k == "total_loss" else 1.0)[0]
+        if f"val_{k}" in val_keys:
+            # Same colour as the training curve of the term, so the two read as a pair.
+            ax.plot([r["iter"] for r in evals if f"val_{k}" in r], [r[f"val_{k}"] for r in evals if f"val_{k}" in r],
+                    "o--", color=line.get_color(), label=f"val_{k}", markersize=4, linewidth=0.8)
     ax.set_ylabel("loss")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    ax_lr.plot(iters, [r.get("lr", math.nan) for r in records], color="tab:gray")
+    ax.legend(fontsize="small", ncol=2)
+    if ap_keys:
+        ax_ap = axes[1]
+        for k in ap_keys:
+            pts = [(r["iter"], r[k]) for r in evals if isinstance(r.get(k), (int, float))]
+            ax_ap.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=k)
+        ax_ap.set_ylabel("AP")
+        ax_ap.grid(True, alpha=0.3)
+        ax_ap.legend(fontsize="small")
+    ax_lr.plot(iters, [r.get("lr", math.nan) for r in train], color="tab:gray")
     ax_lr.set_ylabel("lr")
     ax_lr.set_xlabel("iteration")
     ax_lr.grid(True, alpha=0.3)
     fig.tight_layout()
-    out_path = Path(out_path)
-    fig.savefig(out_path, dpi=100)
-    return out_path
+    return fig

@@ -33,8 +33,13 @@ def segmentation_to_bitmap(segm: Any, height: int, width: int) -> np.ndarray:
     raise ValueError(f"unsupported segmentation of type {type(segm).__name__}")
 
 
-def encode_rle(masks: torch.Tensor | np.ndarray) -> list[dict[str, Any]]:
-    """Encode (N, H, W) binary masks to compressed COCO RLEs with ``counts`` as a str (JSON-ready)."""
+def encode_rle(masks: torch.Tensor | np.ndarray | MaskCrops) -> list[dict[str, Any]]:
+    """Encode (N, H, W) binary masks to compressed COCO RLEs with ``counts`` as a str (JSON-ready).
+
+    :class:`MaskCrops` are encoded from their windows, without an image-sized array.
+    """
+    if isinstance(masks, MaskCrops):
+        return masks.to_rle()
     if isinstance(masks, torch.Tensor):
         masks = masks.detach().cpu().numpy()
     if masks.shape[0] == 0:
@@ -44,6 +49,234 @@ def encode_rle(masks: torch.Tensor | np.ndarray) -> list[dict[str, Any]]:
     for r in rles:
         r["counts"] = r["counts"].decode("ascii")
     return rles
+
+
+def crop_to_rle(crop: np.ndarray, x0: int, y0: int, height: int, width: int) -> dict[str, Any]:
+    """Compressed COCO RLE (str counts) of an HxW mask that is 0 except for the (h, w) bool ``crop`` at (x0, y0).
+
+    Works on the crop alone: COCO runs go down the columns, so each crop column's runs sit at ``x * H + y`` of
+    the column-major image, and runs that continue across a column break (crop touching the top and bottom
+    borders) are joined.
+    """
+    h, w = crop.shape
+    starts = ends = np.zeros(0, dtype=np.int64)
+    if h and w and crop.any():
+        padded = np.zeros((w, h + 2), dtype=np.int8)
+        padded[:, 1:-1] = crop.T
+        step = np.diff(padded, axis=1)
+        cs, rs = np.nonzero(step == 1)  # row-major over (column, row): column-major order in the image
+        ce, re_ = np.nonzero(step == -1)
+        starts = (x0 + cs).astype(np.int64) * height + (y0 + rs)
+        ends = (x0 + ce).astype(np.int64) * height + (y0 + re_)
+        joined = np.flatnonzero(ends[:-1] == starts[1:])
+        if joined.size:
+            keep = np.ones(len(starts), dtype=bool)
+            keep[joined + 1] = False
+            ends_keep = np.ones(len(ends), dtype=bool)
+            ends_keep[joined] = False
+            starts, ends = starts[keep], ends[ends_keep]
+    edges = np.empty(2 * len(starts) + 2, dtype=np.int64)
+    edges[0], edges[-1] = 0, height * width
+    edges[1:-1:2], edges[2:-1:2] = starts, ends
+    counts = np.diff(edges).tolist()
+    if len(counts) > 1 and counts[-1] == 0:
+        counts.pop()  # a mask that ends in ones has no closing run of zeros (as pycocotools encodes it)
+    rle = mask_utils.frPyObjects({"counts": counts, "size": [height, width]}, height, width)
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+class MaskCrops:
+    """N bool masks of an (H, W) image, each kept only over its window, compressed: memory follows the detections.
+
+    Mask i is False outside an (h_i, w_i) window whose top-left pixel is ``offsets[i] = (x0, y0)``; the window
+    is held as a COCO run-length encoding of its own pixels (a few bytes per boundary pixel), and decoded one
+    mask at a time when wanted (:meth:`crop`, :meth:`mask`). :meth:`dense` builds the (N, H, W) tensor on
+    request. Used where an (N, H, W) bool tensor is, it turns into one: torch functions, tensor methods and
+    numpy conversion densify it (``torch.equal(crops, t)``, ``crops.any(0)``, ``np.asarray(crops)``); indexing
+    with an integer gives that mask at full size, with a slice, index or bool tensor a MaskCrops of the selection.
+    """
+
+    def __init__(self, rles: list[dict[str, Any] | None], offsets: torch.Tensor, sizes: torch.Tensor,
+                 image_size: tuple[int, int]) -> None:
+        """rles: pycocotools RLEs of each window (None for an empty one); offsets (N, 2) int64 (x0, y0) and
+        sizes (N, 2) int64 (h, w) of the windows, in pixels; image_size: (H, W). See :meth:`from_crops`."""
+        if not len(rles) == int(offsets.shape[0]) == int(sizes.shape[0]):
+            raise ValueError(f"{len(rles)} windows, {int(offsets.shape[0])} offsets, {int(sizes.shape[0])} sizes")
+        self.rles = list(rles)
+        self.offsets = offsets.reshape(-1, 2).to(torch.int64).cpu()
+        self.sizes = sizes.reshape(-1, 2).to(torch.int64).cpu()
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+
+    @classmethod
+    def from_crops(cls, crops: list[torch.Tensor], offsets: torch.Tensor, image_size: tuple[int, int]) -> MaskCrops:
+        """From N (h_i, w_i) bool windows and their (N, 2) (x0, y0) offsets in an (H, W) image."""
+        return cls([encode_window(c) for c in crops], offsets,
+                   torch.tensor([list(c.shape) for c in crops], dtype=torch.int64).reshape(-1, 2), image_size)
+
+    def __len__(self) -> int:
+        """Number of masks N."""
+        return len(self.rles)
+
+    @property
+    def shape(self) -> torch.Size:
+        """(N, H, W), the shape of :meth:`dense`."""
+        return torch.Size((len(self), *self.image_size))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Always ``torch.bool``."""
+        return torch.bool
+
+    @property
+    def ndim(self) -> int:
+        """3, as (N, H, W)."""
+        return 3
+
+    @property
+    def device(self) -> torch.device:
+        """The CPU: the windows are held compressed in host memory."""
+        return torch.device("cpu")
+
+    def dim(self) -> int:
+        """3, as (N, H, W)."""
+        return 3
+
+    def nbytes(self) -> int:
+        """Bytes held by the compressed windows (what memory the masks take)."""
+        return sum(len(r["counts"]) for r in self.rles if r is not None)
+
+    def crop(self, i: int) -> torch.Tensor:
+        """Window ``i``, decoded: (h_i, w_i) bool."""
+        rle = self.rles[i]
+        h, w = (int(v) for v in self.sizes[i])
+        if rle is None:
+            return torch.zeros((h, w), dtype=torch.bool)
+        return torch.from_numpy(mask_utils.decode(rle).astype(bool))
+
+    @property
+    def crops(self) -> list[torch.Tensor]:
+        """Every window decoded (N tensors of their box's size)."""
+        return [self.crop(i) for i in range(len(self))]
+
+    def mask(self, i: int) -> torch.Tensor:
+        """Mask ``i`` at full size: (H, W) bool."""
+        out = torch.zeros(self.image_size, dtype=torch.bool)
+        crop = self.crop(i)
+        x0, y0 = (int(v) for v in self.offsets[i])
+        out[y0: y0 + crop.shape[0], x0: x0 + crop.shape[1]] = crop
+        return out
+
+    def dense(self) -> torch.Tensor:
+        """All masks at full size: (N, H, W) bool (N x H x W bytes: only when really needed)."""
+        out = torch.zeros(self.shape, dtype=torch.bool)
+        for i in range(len(self)):
+            crop = self.crop(i)
+            x0, y0 = (int(v) for v in self.offsets[i])
+            out[i, y0: y0 + crop.shape[0], x0: x0 + crop.shape[1]] = crop
+        return out
+
+    def select(self, index: Any) -> MaskCrops:
+        """The masks picked by a slice, a list, an index tensor or a (N,) bool tensor."""
+        if isinstance(index, slice):
+            picks = list(range(len(self)))[index]
+        else:
+            t = torch.as_tensor(index)
+            picks = (torch.nonzero(t.cpu(), as_tuple=True)[0] if t.dtype == torch.bool else t.cpu().reshape(-1))
+            picks = [int(v) for v in picks]
+        idx = torch.tensor(picks, dtype=torch.int64)
+        return MaskCrops([self.rles[i] for i in picks], self.offsets[idx], self.sizes[idx], self.image_size)
+
+    def __getitem__(self, index: Any) -> Any:
+        """An int -> that (H, W) mask; a slice, list, index or bool tensor -> MaskCrops; tuples index dense()."""
+        if isinstance(index, (int, np.integer)) or (isinstance(index, torch.Tensor) and index.dim() == 0
+                                                     and index.dtype != torch.bool):
+            i = int(index)
+            return self.mask(i if i >= 0 else i + len(self))
+        if isinstance(index, tuple):
+            return self.dense()[index]
+        return self.select(index)
+
+    def __iter__(self) -> Any:
+        """Each mask at full size, one at a time."""
+        return (self.mask(i) for i in range(len(self)))
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        """Itself for a device move (the windows stay compressed on the host); another dtype densifies."""
+        dense_dtype = next((a for a in (*args, kwargs.get("dtype")) if isinstance(a, torch.dtype)), None)
+        if dense_dtype is not None and dense_dtype != torch.bool:
+            return self.dense().to(*args, **kwargs)
+        return self
+
+    def cpu(self) -> MaskCrops:
+        """Itself: the windows are held on the host."""
+        return self
+
+    def detach(self) -> MaskCrops:
+        """Itself: bool masks carry no gradient."""
+        return self
+
+    def numpy(self) -> np.ndarray:
+        """:meth:`dense` as an (N, H, W) bool numpy array."""
+        return self.dense().numpy()
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """numpy's view of :meth:`dense`."""
+        arr = self.numpy()
+        return arr if dtype is None else arr.astype(dtype)
+
+    def area(self) -> torch.Tensor:
+        """Pixels of each mask: (N,) int64."""
+        return torch.tensor([0 if r is None else int(mask_utils.area(r)) for r in self.rles], dtype=torch.int64)
+
+    def to_rle(self) -> list[dict[str, Any]]:
+        """Compressed COCO RLEs (str counts) of every mask over the whole image, one window decoded at a time."""
+        h, w = self.image_size
+        return [crop_to_rle(self.crop(i).numpy(), int(x0), int(y0), h, w)
+                for i, (x0, y0) in enumerate(self.offsets.tolist())]
+
+    def __repr__(self) -> str:
+        """One line: count, image size and the bytes held against the dense tensor's."""
+        return (f"MaskCrops({len(self)} masks of {self.image_size[0]}x{self.image_size[1]}, {self.nbytes()} bytes "
+                f"held for {len(self) * self.image_size[0] * self.image_size[1]} dense)")
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        """torch functions see the dense (N, H, W) tensor."""
+        def densify(x: Any) -> Any:
+            if isinstance(x, MaskCrops):
+                return x.dense()
+            if isinstance(x, (list, tuple)):
+                return type(x)(densify(v) for v in x)
+            if isinstance(x, dict):
+                return {k: densify(v) for k, v in x.items()}
+            return x
+        return func(*densify(args), **densify(kwargs or {}))
+
+    def __getattr__(self, name: str) -> Any:
+        """Any other tensor attribute or method, of the dense tensor (``any``, ``sum``, ``float``, ...)."""
+        if name.startswith("__") or name in ("rles", "offsets", "sizes", "image_size"):
+            raise AttributeError(name)
+        return getattr(self.dense(), name)
+
+    def __invert__(self) -> torch.Tensor:
+        """~dense()."""
+        return ~self.dense()
+
+    def __and__(self, other: Any) -> torch.Tensor:
+        """dense() & other."""
+        return self.dense() & (other.dense() if isinstance(other, MaskCrops) else other)
+
+    def __or__(self, other: Any) -> torch.Tensor:
+        """dense() | other."""
+        return self.dense() | (other.dense() if isinstance(other, MaskCrops) else other)
+
+
+def encode_window(crop: torch.Tensor) -> dict[str, Any] | None:
+    """pycocotools RLE (bytes counts) of an (h, w) bool window, or None when it holds no pixel at all."""
+    if crop.numel() == 0:
+        return None
+    return mask_utils.encode(np.asfortranarray(crop.detach().cpu().numpy().astype(np.uint8)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -198,14 +431,46 @@ def paste_masks_in_windows(masks: torch.Tensor, boxes: torch.Tensor, image_shape
     and written into its window, so no (N, H, W) float tensor exists when ``threshold`` is given: pasting 100
     masks into an 800x1216 image touches ~100 box windows instead of 100 full-image float planes.
     """
-    if mode not in ("legacy", "grid_sample"):
-        raise ValueError(f"unknown paste mode {mode!r}; expected 'legacy' or 'grid_sample'")
     n = masks.shape[0]
     im_h, im_w = image_shape
     out_dtype = torch.bool if threshold is not None else masks.dtype
     out = torch.zeros((n, im_h, im_w), dtype=out_dtype, device=masks.device)
+    for i, (cx0, cy0, cx1, cy1), win in _paste_windows(masks, boxes, image_shape, mode, padding):
+        if threshold is not None:
+            out[i, cy0:cy1, cx0:cx1] = win >= threshold if threshold_inclusive else win > threshold
+        else:
+            out[i, cy0:cy1, cx0:cx1] = win
+    return out
+
+
+def paste_mask_crops(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int, int], mode: str = "legacy",
+                     padding: int = 1, threshold: float = 0.5, threshold_inclusive: bool = False) -> MaskCrops:
+    """:func:`paste_masks_in_windows`'s bool masks kept as their compressed windows: memory follows the detections.
+
+    ``MaskCrops.dense()`` equals ``paste_masks_in_windows(..., threshold=threshold)`` bit for bit.
+    """
+    n = masks.shape[0]
+    rles: list[dict[str, Any] | None] = [None] * n
+    offsets = torch.zeros((n, 2), dtype=torch.int64)
+    sizes = torch.zeros((n, 2), dtype=torch.int64)
+    for i, (cx0, cy0, cx1, cy1), win in _paste_windows(masks, boxes, image_shape, mode, padding):
+        # Compressed as soon as it is made: only one window of a mask is ever uncompressed.
+        rles[i] = encode_window(win >= threshold if threshold_inclusive else win > threshold)
+        offsets[i] = torch.tensor([cx0, cy0])
+        sizes[i] = torch.tensor([cy1 - cy0, cx1 - cx0])
+    return MaskCrops(rles, offsets, sizes, image_shape)
+
+
+def _paste_windows(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int, int], mode: str,
+                   padding: int) -> Any:
+    """Yield (i, (x0, y0, x1, y1) window inside the image, soft values there) for each detection whose window is
+    not empty; every pixel outside its window is 0 in the pasted mask."""
+    if mode not in ("legacy", "grid_sample"):
+        raise ValueError(f"unknown paste mode {mode!r}; expected 'legacy' or 'grid_sample'")
+    n = masks.shape[0]
+    im_h, im_w = image_shape
     if n == 0:
-        return out
+        return
     m = masks.shape[-1]
     if mode == "legacy":
         src = torch.nn.functional.pad(masks, (padding,) * 4)
@@ -248,11 +513,7 @@ def paste_masks_in_windows(masks: torch.Tensor, boxes: torch.Tensor, image_shape
             img_x = (img_x - bx0) / (bx1 - bx0) * 2 - 1
             grid = torch.stack([img_x[None, :].expand(cy1 - cy0, -1), img_y[:, None].expand(-1, cx1 - cx0)], dim=2)
             win = torch.nn.functional.grid_sample(src[i: i + 1], grid[None].to(src.dtype), align_corners=False)[0, 0]
-        if threshold is not None:
-            out[i, cy0:cy1, cx0:cx1] = win >= threshold if threshold_inclusive else win > threshold
-        else:
-            out[i, cy0:cy1, cx0:cx1] = win
-    return out
+        yield i, (cx0, cy0, cx1, cy1), win
 
 
 def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_shape: tuple[int, int], mode: str = "legacy",

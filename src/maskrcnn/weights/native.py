@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from maskrcnn.atomic import atomic_dir, atomic_write, atomic_write_text
 from maskrcnn.config import Config, ConfigError
 from maskrcnn.weights.errors import WeightsError
 
@@ -21,17 +22,28 @@ def is_native(path: Path) -> bool:
 
 
 def save_model(model: Any, path: str | Path) -> Path:
-    """Write a MaskRCNN (or a Predictor's) to directory ``path`` as ``model.safetensors`` (float32) + ``config.json``."""
+    """Write a MaskRCNN (or a Predictor's) to directory ``path`` as ``model.safetensors`` (float32) + ``config.json``.
+
+    The folder appears complete or not at all: both files are written into a temp folder beside it, fsynced and
+    renamed into place. A ``path`` that already holds other files than these two keeps them: the two files are
+    then replaced one at a time, each atomically (weights first; they carry the config in their metadata too).
+    """
     model = getattr(model, "model", model)
-    from safetensors.torch import save_file  # noqa: PLC0415
+    from safetensors.torch import save  # noqa: PLC0415
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = path / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "maskrcnn", "config": json.dumps(model.cfg.to_dict())})
-    tmp.replace(path / WEIGHTS_FILE)
-    (path / CONFIG_FILE).write_text(json.dumps(model.cfg.to_dict(), indent=2))
+    config = json.dumps(model.cfg.to_dict())
+    blob = save(state, metadata={"format": "maskrcnn", "config": config})
+    config_text = json.dumps(model.cfg.to_dict(), indent=2)
+    foreign = path.is_dir() and any(p.name not in (WEIGHTS_FILE, CONFIG_FILE) for p in path.iterdir())
+    if foreign:
+        atomic_write(path / WEIGHTS_FILE, True, lambda f: f.write(blob))
+        atomic_write_text(path / CONFIG_FILE, config_text)
+        return path
+    with atomic_dir(path) as tmp:
+        (tmp / WEIGHTS_FILE).write_bytes(blob)
+        (tmp / CONFIG_FILE).write_text(config_text)
     return path
 
 

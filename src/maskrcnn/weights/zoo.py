@@ -9,9 +9,15 @@ machines that reach the weights through a mirror or a shared disk.
 About the checksums: torchvision names its files ``<name>-<first 8 hex digits of the file's SHA-256>.pth`` and
 checks only that prefix (``torch.hub``'s ``check_hash``). The full digests of those files are not recorded
 here, because they could not be computed where this registry was written; their entries therefore hold the
-8-digit prefix. :attr:`WeightsEntry.sha256` is a full 64-digit digest or a prefix of one (at least 8 digits),
-and verification compares as many digits as the entry holds. Replace a prefix with the full digest once the
-file has been checked by other means; nothing else needs to change.
+8-digit prefix. detectron2 publishes no digest at all. :attr:`WeightsEntry.sha256` is a full 64-digit digest,
+a prefix of one (at least 8 digits), or empty. A download is verified against it, and the file's full digest
+is then recorded beside it in the cache (``<file>.sha256``). Every later load hashes the file again and
+compares the whole digest with the pinned one or, for prefix-only and unpublished entries, with the recorded
+one, so a cached file changed after its verified download is refused (:class:`ChecksumError`). A file
+placed in the cache by hand is verified against what the entry holds and recorded on first use.
+
+The mirror (``$MASKRCNN_MIRROR``) must be an https URL or a local folder; plain http needs the opt-in
+``MASKRCNN_ALLOW_HTTP=1``. A registry file name is a bare name, so no entry can write outside the cache.
 
 Only ``urllib`` is used, so downloading needs no package beyond the standard library (``tqdm`` draws a
 progress bar when it is installed).
@@ -32,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+from maskrcnn.atomic import atomic_write_text
 from maskrcnn.config import COCO_PERSON_KEYPOINT_NAMES
 from maskrcnn.weights.coco_names import COCO_CLASS_NAMES, CONTIGUOUS_TO_COCO_ID, TORCHVISION_COCO_CLASS_NAMES
 
@@ -40,6 +47,9 @@ FORMATS: tuple[str, ...] = ("torchvision", "detectron2", "maskrcnn")
 
 ENV_HOME = "MASKRCNN_HOME"
 ENV_MIRROR = "MASKRCNN_MIRROR"
+ENV_ALLOW_HTTP = "MASKRCNN_ALLOW_HTTP"
+# Beside each cached file: the full SHA-256 it had when it was verified ("<digest>  <file name>").
+DIGEST_SUFFIX = ".sha256"
 DEFAULT_TIMEOUT = 30.0
 # Shorter than this, a "prefix" would match too many files to catch a wrong or truncated download.
 MIN_SHA256_PREFIX = 8
@@ -48,6 +58,11 @@ _USER_AGENT = "maskrcnn-hub/0.1 (+urllib)"
 _HEX = re.compile(r"[0-9a-f]+")
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _CONTENT_RANGE_UNSATISFIED = re.compile(r"bytes\s+\*/(\d+)")
+
+
+def _is_bare_file_name(name: str) -> bool:
+    return (bool(name) and name == Path(name).name and name not in (".", "..") and not name.startswith(".")
+            and "\\" not in name and "/" not in name and "\0" not in name)
 
 
 class HubError(Exception):
@@ -122,6 +137,9 @@ class WeightsEntry:
             raise ValueError(
                 f"weights {self.name!r}: sha256 must be {MIN_SHA256_PREFIX} to 64 hex digits, got {self.sha256!r}"
             )
+        if not _is_bare_file_name(self.file_name or Path(urllib.parse.urlparse(self.url).path).name):
+            raise ValueError(f"weights {self.name!r}: file name {self.file_name!r} must be a plain name inside the "
+                             f"cache folder (no folders, no '..', not hidden)")
         if self.format not in FORMATS:
             raise ValueError(f"weights {self.name!r}: format must be one of {FORMATS}, got {self.format!r}")
         if self.class_names and len(self.class_names) != self.num_classes:
@@ -222,12 +240,12 @@ def _detectron2_keypoints(config: str, model_id: int, suffix: str, box_ap: float
 
 _KEYPOINTS = (
     # torchvision's default weights; trained with FrozenBN eps 0, which torchvision restores after loading them.
-    _keypoint_entry("keypointrcnn_resnet50_fpn", f"https://download.pytorch.org/models/"
-                    f"keypointrcnn_resnet50_fpn_coco-fc266e95.pth", "fc266e95", "torchvision",
+    _keypoint_entry("keypointrcnn_resnet50_fpn", "https://download.pytorch.org/models/"
+                    "keypointrcnn_resnet50_fpn_coco-fc266e95.pth", "fc266e95", "torchvision",
                     "keypointrcnn_resnet50_fpn_coco_v1", 54.6, 65.0,
                     "Keypoint R-CNN ResNet-50-FPN, torchvision COCO_V1 weights (COCO person keypoints)"),
-    _keypoint_entry("keypointrcnn_resnet50_fpn_legacy", f"https://download.pytorch.org/models/"
-                    f"keypointrcnn_resnet50_fpn_coco-9f466800.pth", "9f466800", "torchvision",
+    _keypoint_entry("keypointrcnn_resnet50_fpn_legacy", "https://download.pytorch.org/models/"
+                    "keypointrcnn_resnet50_fpn_coco-9f466800.pth", "9f466800", "torchvision",
                     "keypointrcnn_resnet50_fpn", 50.6, 61.1,
                     "Keypoint R-CNN ResNet-50-FPN, torchvision COCO_LEGACY weights (COCO person keypoints)"),
     *(_detectron2_keypoints(*row) for row in _DETECTRON2_KEYPOINT_RCNN),
@@ -296,8 +314,23 @@ def weights_dir() -> Path:
 
 
 def weights_path(name_or_entry: str | WeightsEntry) -> Path:
-    """Where the file of these weights is (or will be) cached; a file placed there by hand is used as is."""
-    return weights_dir() / _as_entry(name_or_entry).file_name
+    """Where the file of these weights is (or will be) cached; a file placed there by hand is verified on use."""
+    entry = _as_entry(name_or_entry)
+    if not _is_bare_file_name(entry.file_name):  # entries are checked when made; this guards later mutation
+        raise ValueError(f"weights {entry.name!r}: file name {entry.file_name!r} would leave the cache folder")
+    return weights_dir() / entry.file_name
+
+
+def _check_scheme(url: str, what: str) -> None:
+    """https and local files always; plain http only with MASKRCNN_ALLOW_HTTP=1; anything else never."""
+    scheme = urllib.parse.urlparse(url).scheme.lower()
+    if scheme in ("https", "file"):
+        return
+    if scheme == "http" and os.environ.get(ENV_ALLOW_HTTP, "").strip() in ("1", "true", "yes"):
+        return
+    hint = (f"; set {ENV_ALLOW_HTTP}=1 to allow plain http (the SHA-256 check still applies, but a prefix-only or "
+            f"unpublished digest cannot catch a tampered first download)" if scheme == "http" else "")
+    raise DownloadError(f"{what} {url!r} must be an https URL or a local folder{hint}")
 
 
 def resolve_url(entry: WeightsEntry) -> str:
@@ -307,9 +340,11 @@ def resolve_url(entry: WeightsEntry) -> str:
     """
     mirror = os.environ.get(ENV_MIRROR, "").strip()
     if not mirror:
+        _check_scheme(entry.url, f"the URL of {entry.name!r}")
         return entry.url
     if "://" not in mirror:
         return Path(mirror).expanduser().resolve().as_uri() + "/" + urllib.parse.quote(entry.file_name)
+    _check_scheme(mirror, f"${ENV_MIRROR}")
     return mirror.rstrip("/") + "/" + urllib.parse.quote(entry.file_name)
 
 
@@ -345,7 +380,7 @@ def download(
     entry = _as_entry(name_or_entry)
     dest = weights_path(entry)
     if dest.is_file() and not force:
-        return dest
+        return verify_cached(entry)
     part = dest.with_name(dest.name + ".part")
     url = resolve_url(entry)
     try:
@@ -380,10 +415,7 @@ def download(
                 f"{_manual_hint(entry, dest)}"
             ) from exc
 
-    if not entry.sha256_known:
-        # Nothing to verify against: record what arrived, so a later change of the file can be noticed.
-        Path(str(dest) + ".sha256").write_text(f"{digest}  {dest.name}\n")
-    elif not sha256_matches(digest, entry.sha256):
+    if entry.sha256_known and not sha256_matches(digest, entry.sha256):
         part.unlink(missing_ok=True)
         kind = "SHA-256 prefix" if entry.sha256_is_prefix else "SHA-256"
         raise ChecksumError(
@@ -393,9 +425,76 @@ def download(
             actual=digest,
             path=dest,
         )
-    # Same folder, so the rename is atomic: readers see either no file or a verified one.
+    # Same folder, so the rename is atomic: readers see either no file or a verified one. The full digest is
+    # recorded first: a file under its final name always has its record.
+    _record_digest(dest, digest)
     os.replace(part, dest)
     return dest
+
+
+def digest_path(name_or_entry: str | WeightsEntry) -> Path:
+    """The file beside the cached weights that records their full SHA-256 from the verified download."""
+    path = weights_path(name_or_entry)
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def recorded_digest(name_or_entry: str | WeightsEntry) -> str | None:
+    """The full SHA-256 recorded for the cached file, or None when there is no (well-formed) record."""
+    path = digest_path(name_or_entry)
+    try:
+        digest = path.read_text(encoding="ascii").split()[0].lower()
+    except (OSError, IndexError, UnicodeDecodeError):
+        return None
+    return digest if len(digest) == 64 and _HEX.fullmatch(digest) else None
+
+
+def _record_digest(dest: Path, digest: str) -> None:
+    atomic_write_text(dest.with_name(dest.name + DIGEST_SUFFIX), f"{digest}  {dest.name}\n")
+
+
+def verify_cached(name_or_entry: str | WeightsEntry) -> Path:
+    """Hash the cached file and compare the whole digest with the pinned or recorded one; returns its path.
+
+    A file without a record (placed by hand, or cached by an older version) is checked against what the
+    entry holds and then recorded. Raises :class:`ChecksumError` (file kept, so it can be inspected) on a
+    mismatch, FileNotFoundError when nothing is cached.
+    """
+    entry = _as_entry(name_or_entry)
+    path = weights_path(entry)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights {entry.name!r} are not cached")
+    actual = sha256_file(path)
+    pinned = entry.sha256 if entry.sha256_known and not entry.sha256_is_prefix else None
+    recorded = recorded_digest(entry)
+    expected, source = ((pinned, "the registry's pinned SHA-256") if pinned else
+                        (recorded, f"the SHA-256 recorded at its verified download ({digest_path(entry)})")
+                        if recorded else (None, ""))
+    if expected is None and entry.sha256_known:
+        expected, source = entry.sha256, "the registry's SHA-256 prefix"
+    if expected is not None and not sha256_matches(actual, expected) or (
+            expected is not None and len(expected) == 64 and actual != expected):
+        raise ChecksumError(
+            f"{path}: the cached weights {entry.name!r} have SHA-256 {actual}, but {source} is {expected}; the "
+            f"file changed after it was verified (corrupted or tampered with). Delete it and download again: "
+            f"maskrcnn weights download {entry.name} --force", expected=expected, actual=actual, path=path)
+    if recorded != actual:
+        if not entry.sha256_known and recorded is None:
+            print(f"note: {entry.name!r} has no published checksum; recording the SHA-256 of {path} ({actual}) "
+                  f"so that any later change is refused", file=sys.stderr)
+        _record_digest(path, actual)
+    return path
+
+
+def check_description(name_or_entry: str | WeightsEntry) -> str:
+    """What a load of these weights verifies, in words (``weights list``'s check column)."""
+    entry = _as_entry(name_or_entry)
+    if entry.sha256_known and not entry.sha256_is_prefix:
+        return "pinned SHA-256 (the whole digest, on download and every load)"
+    recorded = is_cached(entry) and recorded_digest(entry) is not None
+    first = "SHA-256 prefix" if entry.sha256_known else "no published digest"
+    if recorded:
+        return f"recorded SHA-256 (the whole digest recorded at download, where the {first} was checked)"
+    return f"{first} (full SHA-256 recorded at first download, checked on every load after)"
 
 
 def find_cached(name: str | WeightsEntry) -> Path | None:
@@ -416,13 +515,13 @@ def resolve_weights(name_or_path: str | os.PathLike[str] | WeightsEntry, progres
     for a name that is neither, and :class:`DownloadError` when the file cannot be fetched.
     """
     if isinstance(name_or_path, WeightsEntry):
-        return find_cached(name_or_path) or download(name_or_path, progress=progress)
+        return download(name_or_path, progress=progress)  # verifies a cached file, fetches a missing one
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
     name = os.fspath(name_or_path)
     if name in REGISTRY:
-        return find_cached(name) or download(name, progress=progress)
+        return download(name, progress=progress)
     raise UnknownWeightsError(
         f"{name!r} is neither an existing file nor known weights; known weights: {_known_names()}"
     )
@@ -436,11 +535,13 @@ def registry_as_json() -> list[dict[str, Any]]:
         row["class_names"] = list(entry.class_names)
         row["category_ids"] = list(entry.category_ids)
         row["sha256_is_prefix"] = entry.sha256_is_prefix
-        row["check"] = ("full SHA-256" if entry.sha256_known and not entry.sha256_is_prefix else
-                        "SHA-256 prefix" if entry.sha256_known else "none published (digest recorded at download)")
+        row["check"] = check_description(entry)
         row["cached"] = is_cached(entry)
         row["path"] = str(weights_path(entry))
-        row["resolved_url"] = resolve_url(entry)
+        try:
+            row["resolved_url"] = resolve_url(entry)
+        except DownloadError as e:
+            row["resolved_url"] = f"refused: {e}"
         rows.append(row)
     return rows
 
