@@ -353,8 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "against the second")
     p.add_argument("--only", default="inference,training,throughput", metavar="TASKS",
                    help="comma-separated tasks: inference, training, throughput, large_image (peak RSS of predict "
-                        "and eval on a 12000x9000 photo with --detections masks, against the same runs at "
-                        "--height x --width; fast mode only)")
+                        "and eval on a 12000x9000 photo with DETECTIONS masks, against the same runs at "
+                        "HEIGHT x WIDTH; fast mode only)")
     p.add_argument("--repeats", type=_positive_int, default=5, help="timed runs per scenario (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     p.add_argument("--height", type=_positive_int, default=800, help="image height in pixels")
