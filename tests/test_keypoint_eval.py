@@ -49,6 +49,7 @@ def test_oks_ap_through_pycocotools(tmp_path: Path) -> None:
     # Image 2's person has no keypoints: OKS ignores it, box AP counts it as missed.
     assert perfect["keypoints"]["AP"] == pytest.approx(1.0) and perfect["bbox"]["AP"] < 1.0
     assert set(perfect["keypoints"]) == {"AP", "AP50", "AP75", "APm", "APl"}
+    assert perfect["per_class"]["keypoints"] == {"person": pytest.approx(1.0)}
     off = evaluate_coco(coco, _records(3.0), ("keypoints",), kpt_oks_sigmas=sigmas)["keypoints"]["AP"]
     assert 0.0 <= off < 0.5
     table = format_metrics_table(perfect)

@@ -209,8 +209,8 @@ def evaluate_coco(
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
-        names = KEYPOINT_METRIC_NAMES if iou_type == "keypoints" else METRIC_NAMES
-        metrics[iou_type] = {k: _nan_if_undefined(v) for k, v in zip(names, ev.stats[:len(names)])}
+        stat_names = KEYPOINT_METRIC_NAMES if iou_type == "keypoints" else METRIC_NAMES
+        metrics[iou_type] = {k: _nan_if_undefined(v) for k, v in zip(stat_names, ev.stats[:len(stat_names)])}
         per_class[iou_type] = _per_class_ap(ev, cat_ids, names)
     metrics["per_class"] = per_class
     return metrics
