@@ -459,6 +459,15 @@ FIELD_RANGES: dict[str, Range] = {
     "TrainConfig.log_period": AT_LEAST_1, "TrainConfig.eval_period": NON_NEGATIVE,
     "TrainConfig.dist_timeout_s": POSITIVE, "TrainConfig.max_bad_image_fraction": FRACTION,
     "TrainConfig.patience": NON_NEGATIVE,
+    "KeypointHeadConfig.num_keypoints": AT_LEAST_1, "KeypointHeadConfig.pooler_resolution": AT_LEAST_1,
+    "KeypointHeadConfig.pooler_sampling_ratio": NON_NEGATIVE, "KeypointHeadConfig.conv_dims": AT_LEAST_1,
+    "KeypointHeadConfig.deconv_kernel": AT_LEAST_1, "KeypointHeadConfig.up_scale": AT_LEAST_1,
+    "KeypointHeadConfig.loss_weight": NON_NEGATIVE, "KeypointHeadConfig.min_keypoints_per_image": NON_NEGATIVE,
+    # A logit (torchvision, Detectron) or a softmax probability (detectron2): any finite value.
+    "KeypointHeadConfig.draw_threshold": ANY,
+    # 0 (torchvision) or 0.5 (detectron2): a sub-pixel shift.
+    "KeypointHeadConfig.coco_offset": Range(0, 1, hi_open=True),
+    "KeypointHeadConfig.oks_sigmas": POSITIVE,
 }
 
 
