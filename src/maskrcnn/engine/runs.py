@@ -289,8 +289,9 @@ def evaluate_run(model: Any, data: str | Path, images: str | Path, out_dir: str 
     from maskrcnn.atomic import remove_stale_temp  # noqa: PLC0415
 
     remove_stale_temp(out_dir)  # left by an evaluation killed while writing its JSON
-    m = model.cfg.model
-    dataset = CocoDataset(data, images, filter_empty=False, masks=m.mask_head.enabled,
+    # Read before the model is touched: --max-pixels refuses a dataset before any work.
+    mask_head = getattr(getattr(getattr(model, "cfg", None), "model", None), "mask_head", None)
+    dataset = CocoDataset(data, images, filter_empty=False, masks=True if mask_head is None else mask_head.enabled,
                           allow_outside_images=allow_outside_images)
     if max_pixels is not None:
         big = [dataset.get_image_info(i) for i in range(len(dataset))]
@@ -303,6 +304,7 @@ def evaluate_run(model: Any, data: str | Path, images: str | Path, out_dir: str 
                                f"{listed}{' ...' if len(big) > 3 else ''}; raise the limit or leave them out")
     if progress is None:
         progress = sys.stderr.isatty()  # a bar redrawn into a log file is noise
+    m = model.cfg.model
     ev = Evaluator.from_dataset(dataset, category_ids=label_category_ids(model, dataset), batch_size=batch_size,
                                 progress=progress, out_dir=out_dir, iou_types=iou_types_for(m),
                                 kpt_oks_sigmas=m.keypoint_head.oks_sigmas)
