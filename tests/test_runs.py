@@ -199,9 +199,14 @@ def test_validation_losses_best_model_and_final_model_before_final_eval(shapes: 
 
 
 def test_eval_refuses_images_beyond_max_pixels_before_any_work(shapes: Path, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from maskrcnn.config import get_preset
     from maskrcnn.data.coco import DatasetError
     from maskrcnn.engine.runs import evaluate_run
 
     with pytest.raises(DatasetError, match=r"4 images have more than --max-pixels 4000 pixels: id 1 \(images/000000\.png, 64x64\)"):
-        evaluate_run(object(), shapes / "annotations.json", shapes, tmp_path / "eval", max_pixels=4000)
+        # A model that cannot predict: the refusal must come before any prediction.
+        evaluate_run(SimpleNamespace(cfg=get_preset("r18_fpn_demo")), shapes / "annotations.json", shapes,
+                     tmp_path / "eval", max_pixels=4000)
     assert not (tmp_path / "eval").exists()
