@@ -36,9 +36,6 @@ class DemoSettings:
 DEMO = DemoSettings()
 
 
-DEMO = DemoSettings()
-
-
 def scale_schedule(cfg: Any, max_iter: int) -> Any:
     """``cfg`` with solver.max_iter set and its steps, warmup and checkpoint period scaled to match."""
     solver = cfg.solver
