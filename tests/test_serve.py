@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -19,6 +20,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,6 +30,7 @@ httpx = pytest.importorskip("httpx", reason="needs the [dev] extra")
 pytest.importorskip("starlette", reason="needs the [serve] extra")
 pytest.importorskip("uvicorn", reason="needs the [serve] extra")
 
+from conftest import require_or_skip  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from maskrcnn.config import apply_overrides, get_preset  # noqa: E402
@@ -340,3 +343,120 @@ def test_decode_and_polygons() -> None:
     # Pixel i covers [i, i + 1): columns 4..11 span x in [4, 12], rows 5..9 span y in [5, 10].
     assert (min(xs), max(xs), min(ys), max(ys)) == (4.0, 12.0, 5.0, 10.0)
     assert json.dumps(poly)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The page in a real browser: headless Chromium from the distribution, driven by Selenium through its chromedriver
+
+# CI sets it (.ci/run), so that a missing browser fails the suite instead of skipping the page's test.
+REQUIRE_BROWSER = "MASKRCNN_REQUIRE_BROWSER"
+
+# Canvas pixels that differ from the uploaded image drawn alone, and at each [x, y] of ``points``: whether the
+# page drew over it. Globals of the page's script (``image``) are visible to injected scripts.
+CANVAS_DIFF_JS = """
+const points = arguments[0];
+const c = document.getElementById("canvas");
+const plain = document.createElement("canvas");
+plain.width = c.width; plain.height = c.height;
+plain.getContext("2d").drawImage(image, 0, 0);
+const a = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+const b = plain.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+const differs = (i) => a[i] !== b[i] || a[i + 1] !== b[i + 1] || a[i + 2] !== b[i + 2];
+let changed = 0;
+for (let i = 0; i < a.length; i += 4) if (differs(i)) changed++;
+return {width: c.width, height: c.height, changed: changed,
+        at: points.map(([x, y]) => differs(4 * (Math.floor(y) * c.width + Math.floor(x))))};
+"""
+
+
+def chromium_driver(width: int = 1280, height: int = 900, scale: float = 1.0) -> Any:
+    """A headless Chromium WebDriver (system chromium + chromedriver, no download); skips, or fails under
+    $MASKRCNN_REQUIRE_BROWSER, when selenium or the browser is missing."""
+    try:
+        from selenium import webdriver  # noqa: PLC0415
+        from selenium.webdriver.chrome.service import Service  # noqa: PLC0415
+    except ImportError:
+        require_or_skip("the browser test needs selenium (pip install -e '.[dev]')", REQUIRE_BROWSER)
+    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        require_or_skip("the browser test needs chromium and chromedriver from the distribution "
+                        "(apt-get install chromium chromium-driver)", REQUIRE_BROWSER)
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    # --no-sandbox: Chromium's sandbox refuses to run as root (CI containers).
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                f"--window-size={width},{height}", f"--force-device-scale-factor={scale}"):
+        options.add_argument(arg)
+    return webdriver.Chrome(options=options, service=Service(executable_path=driver))
+
+
+def _set_slider(driver: Any, value: float) -> None:
+    """Move the score slider as a person would: set its value and fire the input event."""
+    driver.execute_script("const s = document.getElementById('score'); s.value = arguments[0];"
+                          "s.dispatchEvent(new Event('input'));", f"{value:.2f}")
+
+
+def _rows(driver: Any) -> list[tuple[str, str]]:
+    """The detections table's (class name, score text) rows, top to bottom."""
+    from selenium.webdriver.common.by import By  # noqa: PLC0415
+
+    rows = driver.find_elements(By.CSS_SELECTOR, "#table tbody tr")
+    return [(r.find_elements(By.TAG_NAME, "td")[1].text, r.find_elements(By.TAG_NAME, "td")[2].text) for r in rows]
+
+
+def test_page_in_a_browser_draws_the_detections(server: Server, tmp_path: Path) -> None:
+    """Headless Chromium uploads an image on the page; the table lists the model's detections, the canvas draws
+    them, the slider filters rows without a new request, and hovering a row highlights its instance."""
+    from selenium.webdriver.common.action_chains import ActionChains  # noqa: PLC0415
+    from selenium.webdriver.common.by import By  # noqa: PLC0415
+    from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
+
+    driver = chromium_driver()
+    try:
+        data = _png(200, 150, seed=11)
+        path = tmp_path / "upload.png"
+        path.write_bytes(data)
+        # What the page asks for (everything, polygons): the same model and bytes give the same detections.
+        expected = httpx.post(server.url + "/v1/predict", files={"image": ("upload.png", data, "image/png")},
+                              params={"mask_format": "polygon", "score_threshold": 0}, timeout=60).json()
+        dets = expected["detections"]
+        assert len(dets) >= 2
+        driver.get(server.url + "/")
+        driver.find_element(By.ID, "file").send_keys(str(path))
+        WebDriverWait(driver, 60).until(lambda d: "detections shown" in d.find_element(By.ID, "status").text)
+        assert driver.execute_script("return data.detections.length") == len(dets)
+
+        # Every detection: one row each, in the JSON's order, with its name and score.
+        _set_slider(driver, 0.0)
+        assert _rows(driver) == [(d["name"], f"{d['score']:.3f}") for d in dets]
+        x1, y1, x2, y2 = dets[0]["box"]
+        left_edge, right_edge = [x1, (y1 + y2) / 2], [min(x2, 199.0), (y1 + y2) / 2]
+        drawn = driver.execute_script(CANVAS_DIFF_JS, [left_edge, right_edge])
+        assert (drawn["width"], drawn["height"]) == (200, 150)
+        assert drawn["changed"] > 0 and all(drawn["at"]), drawn
+
+        # A threshold between the scores keeps exactly the detections at or above it, without asking again.
+        scores = sorted({d["score"] for d in dets})
+        cut = next((t / 100 for t in range(1, 100) if scores[0] < t / 100 <= scores[-1]), None)
+        assert cut is not None, scores
+        _set_slider(driver, cut)
+        assert _rows(driver) == [(d["name"], f"{d['score']:.3f}") for d in dets if d["score"] >= cut]
+        requests = driver.execute_script(
+            "return performance.getEntriesByType('resource').filter(e => e.name.includes('/v1/predict')).length")
+        assert requests == 1
+
+        # Hovering a row highlights it and redraws the canvas (its instance strong, the others faded).
+        before = driver.execute_script(CANVAS_DIFF_JS, [])["changed"]
+        row = driver.find_elements(By.CSS_SELECTOR, "#table tbody tr")[0]
+        ActionChains(driver).move_to_element(row).perform()
+        assert "hl" in row.get_attribute("class")
+        assert driver.execute_script(CANVAS_DIFF_JS, [])["changed"] != before
+
+        # Above every score: no rows and the canvas is the image alone.
+        assert scores[-1] < 1.0
+        _set_slider(driver, 1.0)
+        assert _rows(driver) == []
+        assert driver.execute_script(CANVAS_DIFF_JS, [])["changed"] == 0
+    finally:
+        driver.quit()
