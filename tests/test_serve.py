@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -36,6 +35,7 @@ from PIL import Image  # noqa: E402
 from maskrcnn.config import apply_overrides, get_preset  # noqa: E402
 from maskrcnn.modeling.mask_rcnn import MaskRCNN  # noqa: E402
 from maskrcnn.serve.app import decode_image, mask_to_polygons  # noqa: E402
+from maskrcnn.serve.load import run_load  # noqa: E402
 from maskrcnn.weights import save_model  # noqa: E402
 
 KEY = "test-key-123"
@@ -214,42 +214,28 @@ def test_cors_off_by_default(server: Server) -> None:
 
 
 def test_bounded_load(server: Server) -> None:
-    """4 clients x 25 requests: every request answered correctly for its own image, none lost or crossed."""
-    url = server.url + "/v1/predict"
-    images = {c: _png(120 + 16 * c, 100 + 8 * c, seed=c) for c in range(4)}
-    expected = {c: httpx.post(url, content=images[c], params={"mask_format": "none"}, timeout=60).json()
-                for c in images}
-    latencies: list[float] = []
-    lock = threading.Lock()
+    """4 clients x 25 requests (``maskrcnn.serve.load.run_load``, the bench's serve task): every request answered
+    correctly for its own image or with a 503 and Retry-After, none lost or crossed; prints requests/s and p50/p95
+    (``maskrcnn bench --only serve`` records them in the bench results)."""
+    images = [_png(120 + 16 * c, 100 + 8 * c, seed=c) for c in range(4)]
+    expected = [httpx.post(server.url + "/v1/predict", content=img, params={"mask_format": "none"}, timeout=60).json()
+                for img in images]
 
-    def client(c: int) -> list[int]:
-        statuses = []
-        with httpx.Client(timeout=120) as http:
-            for _ in range(25):
-                t0 = time.perf_counter()
-                r = http.post(url, content=images[c], params={"mask_format": "none"})
-                with lock:
-                    latencies.append(time.perf_counter() - t0)
-                statuses.append(r.status_code)
-                if r.status_code == 200:
-                    # The answer is this client's own image's (size and detections), not another client's.
-                    got = r.json()
-                    assert got["image"] == expected[c]["image"]
-                    assert [d["box"] for d in got["detections"]] == [d["box"] for d in expected[c]["detections"]]
-                else:
-                    assert r.status_code == 503 and "Retry-After" in r.headers
-        return statuses
+    def check(c: int, status: int, headers: dict[str, str], body: bytes) -> None:
+        if status == 200:
+            # The answer is this client's own image's (size and detections), not another client's.
+            got = json.loads(body)
+            assert got["image"] == expected[c]["image"]
+            assert [d["box"] for d in got["detections"]] == [d["box"] for d in expected[c]["detections"]]
+        else:
+            assert status == 503 and "retry-after" in {k.lower() for k in headers}, (status, body)
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(4) as pool:
-        statuses = [s for ss in pool.map(client, range(4)) for s in ss]
-    wall = time.perf_counter() - start
-    assert len(statuses) == 100 and set(statuses) <= {200, 503}
-    ok = statuses.count(200)
-    assert ok >= 96  # 4 clients never fill a queue of 8
-    lat = sorted(latencies)
-    print(f"\n[serve load] 4 clients x 25 requests: {ok} answered 200, {100 - ok} 503; {ok / wall:.1f} requests/s, "
-          f"p50 {1000 * statistics.median(lat):.0f} ms, p95 {1000 * lat[int(0.95 * len(lat)) - 1]:.0f} ms")
+    figs = run_load(server.url, images, 25, check)
+    assert figs["requests"] == 100 and figs["ok"] + figs["busy"] == 100 and figs["other"] == 0
+    assert figs["ok"] >= 96  # 4 clients never fill a queue of 8
+    print(f"\n[serve load] 4 clients x 25 requests: {figs['ok']} answered 200, {figs['busy']} 503; "
+          f"{figs['requests_per_s']:.1f} requests/s, p50 {1000 * figs['p50_s']:.0f} ms, "
+          f"p95 {1000 * figs['p95_s']:.0f} ms")
 
 
 def test_health_answers_while_the_model_is_busy(server: Server) -> None:
@@ -320,6 +306,35 @@ def test_sigterm_drains_requests_in_flight(small_model: Path) -> None:
     assert results == [200, 200, 200]
     # uvicorn re-raises the signal once it has drained, so the exit status reports SIGTERM.
     assert srv.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+
+
+def test_keypoint_model_answers_with_keypoints(tmp_path: Path) -> None:
+    """A Keypoint R-CNN's detections carry (K, 3) keypoints [x, y, score] in input pixels, the response its keypoint
+    names, skeleton and drawing threshold, and the v2 infer answer a keypoints output."""
+    torch.manual_seed(0)
+    cfg = apply_overrides(get_preset("r18_fpn_keypoint_demo"), ["model.box_head.detections_per_img=5"])
+    save_model(MaskRCNN(cfg).eval(), tmp_path / "people")
+    srv = Server(tmp_path / "people", "--score-threshold", "0.0")
+    try:
+        body = httpx.post(srv.url + "/v1/predict", content=_png(), timeout=60).json()
+        assert 0 < len(body["detections"]) <= 5
+        assert body["keypoint_names"] == list(cfg.model.keypoint_head.names)
+        assert body["skeleton"] == [list(p) for p in cfg.model.keypoint_head.skeleton]
+        assert body["keypoint_threshold"] == cfg.model.keypoint_head.draw_threshold
+        for det in body["detections"]:
+            assert "mask" not in det and len(det["keypoints"]) == 17 and all(len(k) == 3 for k in det["keypoints"])
+            x1, y1, x2, y2 = det["box"]
+            assert all(x1 - 0.5 <= x <= x2 + 0.5 and y1 - 0.5 <= y <= y2 + 0.5 for x, y, _ in det["keypoints"])
+        img = np.asarray(Image.open(io.BytesIO(_png())).convert("RGB"))
+        req = {"inputs": [{"name": "image", "shape": list(img.shape), "datatype": "UINT8",
+                           "data": img.reshape(-1).tolist()}]}
+        out = {o["name"]: o for o in httpx.post(srv.url + "/v2/models/people/infer", json=req, timeout=60
+                                                 ).json()["outputs"]}
+        assert out["keypoints"]["shape"] == [len(body["detections"]), 17, 3]
+        meta = httpx.get(srv.url + "/v2/models/people").json()
+        assert meta["outputs"][-1] == {"name": "keypoints", "datatype": "FP32", "shape": [-1, 17, 3]}
+    finally:
+        srv.stop()
 
 
 def test_non_local_bind_needs_a_key(small_model: Path, capsys: pytest.CaptureFixture) -> None:
