@@ -425,3 +425,37 @@ def test_dc5_layout_and_anchor_offset_export(tmp_path: Path) -> None:
     ious = [_iou(torch.from_numpy(got["masks"][b]).bool(), ref["masks"][a]) for a, b in pairs]
     # Random weights: near-0.5 mask plateaus (see test_cli_export_small_model).
     assert float(np.median(ious)) >= MASK_IOU
+
+
+def test_pillow_resize_in_onnx_is_pillows() -> None:
+    """The graph's ResizeShortestEdge (detectron2's sizes, Pillow's fixed-point bilinear filter on the uint8 image)
+    gives the bytes of maskrcnn's own implementation (horizontal pass, then vertical, as Pillow's C code), and so
+    Pillow's, shrinking (antialiased, several taps) and enlarging, at odd sizes.
+
+    The installed Pillow sometimes runs the vertical pass first (1000 x 37 -> 512 x 19 here), which moves some
+    pixels by one level; the graph, like ``resize_uint8_bilinear``, keeps one order.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    from maskrcnn.export import _Builder, _pil_resize
+    from maskrcnn.ops.resize import resize_shortest_edge, resize_uint8_bilinear, shortest_edge_size
+
+    g = _Builder()
+    height, width = g.scalar(g.dim("image", 0)), g.scalar(g.dim("image", 1))
+    out, new_h, new_w = _pil_resize(g, "image", height, width, 320, 512)
+    h = onnx.helper
+    graph = h.make_graph(g.nodes + [h.make_node("Identity", [out], ["resized"])], "pil",
+                         [h.make_tensor_value_info("image", onnx.TensorProto.UINT8, ["h", "w", 3])],
+                         [h.make_tensor_value_info("resized", onnx.TensorProto.UINT8, None)], initializer=g.initializers)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for shape in [(240, 240), (300, 400), (97, 203), (1333, 777), (320, 512), (5, 7), (1000, 37)]:
+        image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        image[: shape[0] // 2] //= 4  # an edge, so that the filter's taps matter
+        (got,) = session.run(["resized"], {"image": image})
+        ours = resize_uint8_bilinear(torch.from_numpy(image), shortest_edge_size(*shape, 320, 512)).numpy()
+        assert got.shape == ours.shape and np.array_equal(got, ours), shape
+        if shape != (1000, 37):
+            assert np.array_equal(got, resize_shortest_edge(torch.from_numpy(image), 320, 512).numpy()), shape
