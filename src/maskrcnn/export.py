@@ -426,17 +426,17 @@ def _paste_grid_sample(g: _Builder, probs: str, boxes: str, height: str, width: 
     return g.op("Cast", g.op(above, g.op("Squeeze", sampled, g.i64([1])), g.f32(threshold)), to=2)
 
 
-def _normalize(g: _Builder, inp: Any, image: str) -> str:
+def _normalize(g: _Builder, pixel_format: str, mean: np.ndarray, std: np.ndarray, image: str) -> str:
     """(H, W, 3) uint8 RGB -> (1, 3, H, W) float32 normalised as :meth:`MaskRCNN.normalize`: RGB in [0, 1]
-    (``rgb01``) or BGR in [0, 255] (``bgr255``, the uint8 values as they are), minus the mean, over the std."""
+    (``rgb01``) or BGR in [0, 255] (``bgr255``, the uint8 values as they are), minus the (3,) mean, over the std."""
     x = g.op("Unsqueeze", g.op("Transpose", g.to_float(image), perm=[2, 0, 1]), g.i64([0]))
-    if inp.pixel_format == "bgr255":
+    if pixel_format == "bgr255":
         x = g.op("Gather", x, g.i64([2, 1, 0]), axis=1)
     else:
         x = g.op("Div", x, g.f32(255.0))
-    mean = g.f32(np.asarray(inp.pixel_mean, np.float32).reshape(1, 3, 1, 1))
-    std = g.f32(np.asarray(inp.pixel_std, np.float32).reshape(1, 3, 1, 1))
-    return g.op("Div", g.op("Sub", x, mean), std)
+    mean_c = g.f32(np.asarray(mean, np.float32).reshape(1, 3, 1, 1))
+    std_c = g.f32(np.asarray(std, np.float32).reshape(1, 3, 1, 1))
+    return g.op("Div", g.op("Sub", x, mean_c), std_c)
 
 
 def _bilinear_resize(g: _Builder, x: str, height: str, width: str, min_size: float, max_size: float
@@ -594,22 +594,24 @@ def _decode_keypoints(g: _Builder, maps: str, boxes: str, num_keypoints: int, m:
 
 
 def _glue(g: _Builder, cfg: Config, nets: dict[str, Any], channels: int, cell_anchors: list[np.ndarray],
-          opset: int) -> dict[str, str]:
+          pixel_stats: tuple[np.ndarray, np.ndarray], opset: int) -> dict[str, str]:
     """Write the whole pipeline around the network graph's inputs and outputs; returns the output names.
 
-    Every framework difference is read off the config, as the PyTorch stages read it (no per-preset branch).
+    ``pixel_stats``: the model's (3,) pixel mean and std buffers. Every framework difference is read off the
+    config, as the PyTorch stages read it (no per-preset branch).
     """
     inp, m = cfg.input, cfg.model
+    mean, std = pixel_stats
     image = "image"
     # -- preprocessing: uint8 HWC -> normalised, resized, padded (1, 3, Hp, Wp), as MaskRCNN.preprocess.
     height = g.scalar(g.dim(image, 0))
     width = g.scalar(g.dim(image, 1))
     if inp.resize_mode == "pil":  # detectron2 resizes the uint8 image, then normalises
         resized, new_h, new_w = _pil_resize(g, image, height, width, inp.min_size_test, inp.max_size_test)
-        x = _normalize(g, inp, resized)
+        x = _normalize(g, inp.pixel_format, mean, std, resized)
     else:
-        x, new_h, new_w = _bilinear_resize(g, _normalize(g, inp, image), height, width, inp.min_size_test,
-                                           inp.max_size_test)
+        x, new_h, new_w = _bilinear_resize(g, _normalize(g, inp.pixel_format, mean, std, image), height, width,
+                                           inp.min_size_test, inp.max_size_test)
     vec = g.i64([1])
     new_h1, new_w1 = g.op("Reshape", new_h, vec), g.op("Reshape", new_w, vec)
     stride = int(inp.size_divisible)
@@ -846,7 +848,9 @@ def export_onnx(model: Any, path: str | Path, opset: int = DEFAULT_OPSET, source
     bases = [cell_anchors(s, tuple(ac.aspect_ratios), ac.round_base, compute_dtype=compute,
                           size_major=ac.size_major).numpy() for s in sizes]
     g = _Builder()
-    out = _glue(g, cfg, nets, work.backbone.out_channels, bases, opset)
+    # The model's buffers, which are what its normalize() uses (they start as the config's values).
+    stats = (work.pixel_mean.numpy(), work.pixel_std.numpy())
+    out = _glue(g, cfg, nets, work.backbone.out_channels, bases, stats, opset)
     # The public output names.
     for name in OUTPUT_NAMES:
         if name in out:
