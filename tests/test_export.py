@@ -1,8 +1,10 @@
 """ONNX export of the whole pipeline and its onnxruntime runner, against the PyTorch model.
 
-Each fixture model is exported once per module. Limits (issue 12): same count and labels, boxes within 1e-2 px,
-scores within 1e-3, mask IoU >= 0.99, on every fixture image (sizes other than the export's example), plus images
-with no detections and odd sizes. ``python -m pytest -q -s tests/test_export.py`` prints the largest errors.
+Each fixture model is exported once per module: torchvision's Mask R-CNN v1 and v2, detectron2's thin R50-FPN,
+R50-C4 and X101-32x8d-FPN (its conventions: BGR 0-255, Pillow resize, background last, ...), and both frameworks'
+Keypoint R-CNNs. Limits (issue 12): same count and labels, boxes within 1e-2 px, scores within 1e-3, mask IoU
+>= 0.99, keypoints within 1e-2 px, on every fixture image (sizes other than the export's example), plus images with
+no detections and odd sizes. ``python -m pytest -q -s tests/test_export.py`` prints the largest errors.
 """
 
 from __future__ import annotations

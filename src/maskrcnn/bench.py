@@ -400,7 +400,8 @@ def bench_serve(name: str, mode: str, settings: BenchSettings) -> dict[str, Any]
     """The bounded load test of ``maskrcnn serve``: requests/s and p50/p95 latency (s) of ``serve_clients`` clients
     sending ``serve_requests`` PNGs each (``mask_format=none``), the model saved (fast) or exported (onnx).
 
-    The server runs in its own process with ``threads`` OpenMP threads; every answer must be a 200 or a 503.
+    The server runs in its own process with ``threads`` OpenMP threads; every answer must be a 200 or a 503. Its
+    peak RSS (MB) and the CPU time it spent under the load are recorded with the figures.
     """
     import io  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
@@ -433,8 +434,13 @@ def bench_serve(name: str, mode: str, settings: BenchSettings) -> dict[str, Any]
             args = ["--device", "cpu"]
         del model
         # Score threshold 0: every detection's mask is predicted, as in the inference task.
-        with serving(weights, *args, "--score-threshold", "0", env=env) as url:
-            figs = run_load(url, images, settings.serve_requests, check)
+        with serving(weights, *args, "--score-threshold", "0", env=env) as server:
+            cpu0 = server.cpu_seconds()
+            figs = run_load(server.url, images, settings.serve_requests, check)
+            cpu1 = server.cpu_seconds()
+            # The server's own work, which the foreign-CPU share must not count as another process's.
+            figs["server_cpu_s"] = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+            figs["peak_rss_mb"] = server.peak_rss_mb()
     figs.update(median_s=figs["p50_s"], weights=source, image=[3, settings.height, settings.width])
     return figs
 
@@ -653,6 +659,7 @@ def _scenario(kind: str, key: Any, mode: str, settings: BenchSettings) -> dict[s
             out["conv_fraction_nchw"] = out["gflops_per_s"] / out["conv_microbench"]["nchw_gflops"]
     # In a fresh worker this is its whole life's CPU time, which is what the caller's busy-time window spans.
     out["cpu_s"] = time.process_time() if settings.isolate else time.process_time() - cpu_start
+    out["cpu_s"] += out.get("server_cpu_s") or 0.0  # the serve task's work runs in its server process
     return out
 
 

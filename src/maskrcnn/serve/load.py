@@ -7,6 +7,7 @@ Used by ``maskrcnn bench --only serve`` (whose results JSON records the figures)
 from __future__ import annotations
 
 import math
+import os
 import signal
 import socket
 import statistics
@@ -17,9 +18,37 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
+
+
+@dataclass(frozen=True)
+class Served:
+    """A running ``maskrcnn serve``: its base URL and process id."""
+
+    url: str
+    pid: int
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system, s) the server process has used so far; None where /proc is unavailable."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mb(self) -> float | None:
+        """The server process's peak resident memory (VmHWM, MB); None where /proc is unavailable."""
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return None
 
 
 def free_port() -> int:
@@ -31,10 +60,10 @@ def free_port() -> int:
 
 @contextmanager
 def serving(weights: str, *args: str, env: dict[str, str] | None = None, ready_timeout_s: float = 180.0
-            ) -> Iterator[str]:
-    """``maskrcnn serve --weights weights *args`` on 127.0.0.1 and a free port, in a child process: yields its URL
-    once /v2/health/ready answers, and stops it with SIGTERM (it drains) on exit. RuntimeError if it never gets
-    ready."""
+            ) -> Iterator[Served]:
+    """``maskrcnn serve --weights weights *args`` on 127.0.0.1 and a free port, in a child process: yields it
+    (:class:`Served`) once /v2/health/ready answers, and stops it with SIGTERM (it drains) on exit. RuntimeError if
+    it never gets ready."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "maskrcnn", "serve", "--weights", weights, "--port", str(port),
@@ -53,7 +82,7 @@ def serving(weights: str, *args: str, env: dict[str, str] | None = None, ready_t
             if time.monotonic() > deadline:
                 raise RuntimeError(f"maskrcnn serve did not become ready in {ready_timeout_s:.0f} s")
             time.sleep(0.2)
-        yield url
+        yield Served(url, proc.pid)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
