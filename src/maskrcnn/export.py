@@ -520,8 +520,9 @@ def _pil_resize(g: _Builder, image: str, height: str, width: str, min_size: floa
     """detectron2's ResizeShortestEdge of the (H, W, 3) uint8 image: (h, w, 3) uint8, h and w () int64.
 
     The sizes as :func:`maskrcnn.ops.resize.shortest_edge_size` (float64, int(x + 0.5)), then Pillow's bilinear
-    resize of the uint8 image (:func:`maskrcnn.ops.resize.resize_uint8_bilinear`): the horizontal pass rounded
-    to uint8, then the vertical one. A pass to the same size is the identity, so none is skipped.
+    resize of the uint8 image (:func:`maskrcnn.ops.resize.resize_uint8_bilinear`): one pass per axis rounded to
+    uint8, in Pillow's order (:func:`maskrcnn.ops.resize.pil_vertical_first`), chosen by an ``If``. A pass to the
+    same size is the identity, so none is skipped.
     """
     hd, wd = g.to_double(height), g.to_double(width)
     size = g.f64(float(min_size))
@@ -537,9 +538,22 @@ def _pil_resize(g: _Builder, image: str, height: str, width: str, min_size: floa
     new_h = g.to_int64(g.op("Add", newh, g.f64(0.5)))
     new_w = g.to_int64(g.op("Add", neww, g.f64(0.5)))
     x = g.op("Cast", image, to=6)
-    x = _pil_resample(g, x, width, new_w, axis=1)
-    x = _pil_resample(g, x, height, new_h, axis=0)
-    return g.op("Cast", x, to=2), new_h, new_w
+    shrink_h = g.op("Sub", height, new_h)
+    vertical_first = g.op("And", g.op("Greater", shrink_h, g.i64(0)),
+                          g.op("Greater", shrink_h, g.op("Mul", g.i64(2), g.op("Sub", width, new_w))))
+    h, tp = g.helper, _need_onnx()[0].TensorProto
+    branches = {}
+    for name, order in (("vertical_first", (0, 1)), ("horizontal_first", (1, 0))):
+        body = g.body(f"pil_{name}/")
+        y = x
+        for axis in order:  # the two passes, in this branch's order
+            y = _pil_resample(body, y, (height, width)[axis], (new_h, new_w)[axis], axis=axis)
+        out = body.op("Cast", y, to=2)
+        branches[name] = h.make_graph(body.nodes, f"pil_resize_{name}", [],
+                                      [h.make_tensor_value_info(out, tp.UINT8, None)])
+    resized = g.op("If", vertical_first, then_branch=branches["vertical_first"],
+                   else_branch=branches["horizontal_first"])
+    return resized, new_h, new_w
 
 
 def _decode_keypoints(g: _Builder, maps: str, boxes: str, num_keypoints: int, m: int) -> str:
