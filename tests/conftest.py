@@ -14,8 +14,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _missing(reason: str) -> None:
     """Skip, or fail when $MASKRCNN_REQUIRE_FIXTURES is set (CI must run the parity tests)."""
-    if os.environ.get("MASKRCNN_REQUIRE_FIXTURES"):
-        pytest.fail(reason + " and MASKRCNN_REQUIRE_FIXTURES is set")
+    require_or_skip(reason, "MASKRCNN_REQUIRE_FIXTURES")
+
+
+def require_or_skip(reason: str, variable: str) -> None:
+    """Skip with ``reason``, or fail when the environment variable ``variable`` is set (CI needs the test to run)."""
+    if os.environ.get(variable):
+        pytest.fail(f"{reason} and {variable} is set")
     pytest.skip(reason)
 
 

@@ -198,3 +198,19 @@ def test_large_image_task_runs_predict_and_eval_at_two_sizes() -> None:
         assert fig["dense_masks_mb"] == pytest.approx(10 * fig["image"][1] * fig["image"][2] / 2**20)
     text = bench.format_report(report)
     assert "large images (r18_fpn" in text and "(baseline)" in text and "eval@240x320" in text
+
+
+def test_serve_task_records_requests_per_second_and_latency() -> None:
+    """``maskrcnn bench --only serve`` runs the bounded load test against a real ``maskrcnn serve`` and records
+    requests/s and p50/p95 latency in the results (smoke run: 2 clients x 2 requests, no timing asserted)."""
+    pytest.importorskip("starlette", reason="needs the [serve] extra")
+    pytest.importorskip("uvicorn", reason="needs the [serve] extra")
+    settings = dataclasses.replace(TINY, modes=("fast",), tasks=("serve",), serve_clients=2, serve_requests=2,
+                                   count_flops=False)
+    report = bench.run_benchmarks(settings)
+    figs = report["results"]["fast"]["serve"]["r18_fpn"]
+    assert figs["requests"] == 4 and figs["ok"] + figs["busy"] == 4 and figs["other"] == 0
+    assert figs["requests_per_s"] > 0 and 0 < figs["p50_s"] <= figs["p95_s"]
+    text = bench.format_report(report)
+    assert "requests/s" in text and "p95" in text
+    json.dumps(report)

@@ -155,14 +155,3 @@ def test_detectron2_normaliser_divides_by_a_full_quota() -> None:
     # Same sampled RoIs in both runs: the ratio of the losses is quota / number of valid keypoints, an integer.
     ratio = quota * runs[False] / runs[True]
     assert ratio == pytest.approx(round(ratio), rel=1e-5) and 1 <= round(ratio) <= quota
-
-
-def test_onnx_export_refuses_a_keypoint_model(tmp_path) -> None:
-    """The exported graph has no keypoint branch: exporting a Keypoint R-CNN is a clear error, not a silent loss."""
-    pytest.importorskip("onnx")
-    from maskrcnn.export import export_onnx
-
-    with torch.device("meta"):
-        model = MaskRCNN(get_preset("keypointrcnn_resnet50_fpn"))
-    with pytest.raises(NotImplementedError, match=r"model\.keypoint_head\.enabled=True \(not exported yet\)"):
-        export_onnx(model, tmp_path / "kp.onnx")

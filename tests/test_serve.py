@@ -9,9 +9,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,11 +29,13 @@ httpx = pytest.importorskip("httpx", reason="needs the [dev] extra")
 pytest.importorskip("starlette", reason="needs the [serve] extra")
 pytest.importorskip("uvicorn", reason="needs the [serve] extra")
 
+from conftest import require_or_skip  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from maskrcnn.config import apply_overrides, get_preset  # noqa: E402
 from maskrcnn.modeling.mask_rcnn import MaskRCNN  # noqa: E402
 from maskrcnn.serve.app import decode_image, mask_to_polygons  # noqa: E402
+from maskrcnn.serve.load import run_load  # noqa: E402
 from maskrcnn.weights import save_model  # noqa: E402
 
 KEY = "test-key-123"
@@ -211,42 +214,28 @@ def test_cors_off_by_default(server: Server) -> None:
 
 
 def test_bounded_load(server: Server) -> None:
-    """4 clients x 25 requests: every request answered correctly for its own image, none lost or crossed."""
-    url = server.url + "/v1/predict"
-    images = {c: _png(120 + 16 * c, 100 + 8 * c, seed=c) for c in range(4)}
-    expected = {c: httpx.post(url, content=images[c], params={"mask_format": "none"}, timeout=60).json()
-                for c in images}
-    latencies: list[float] = []
-    lock = threading.Lock()
+    """4 clients x 25 requests (``maskrcnn.serve.load.run_load``, the bench's serve task): every request answered
+    correctly for its own image or with a 503 and Retry-After, none lost or crossed; prints requests/s and p50/p95
+    (``maskrcnn bench --only serve`` records them in the bench results)."""
+    images = [_png(120 + 16 * c, 100 + 8 * c, seed=c) for c in range(4)]
+    expected = [httpx.post(server.url + "/v1/predict", content=img, params={"mask_format": "none"}, timeout=60).json()
+                for img in images]
 
-    def client(c: int) -> list[int]:
-        statuses = []
-        with httpx.Client(timeout=120) as http:
-            for _ in range(25):
-                t0 = time.perf_counter()
-                r = http.post(url, content=images[c], params={"mask_format": "none"})
-                with lock:
-                    latencies.append(time.perf_counter() - t0)
-                statuses.append(r.status_code)
-                if r.status_code == 200:
-                    # The answer is this client's own image's (size and detections), not another client's.
-                    got = r.json()
-                    assert got["image"] == expected[c]["image"]
-                    assert [d["box"] for d in got["detections"]] == [d["box"] for d in expected[c]["detections"]]
-                else:
-                    assert r.status_code == 503 and "Retry-After" in r.headers
-        return statuses
+    def check(c: int, status: int, headers: dict[str, str], body: bytes) -> None:
+        if status == 200:
+            # The answer is this client's own image's (size and detections), not another client's.
+            got = json.loads(body)
+            assert got["image"] == expected[c]["image"]
+            assert [d["box"] for d in got["detections"]] == [d["box"] for d in expected[c]["detections"]]
+        else:
+            assert status == 503 and "retry-after" in {k.lower() for k in headers}, (status, body)
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(4) as pool:
-        statuses = [s for ss in pool.map(client, range(4)) for s in ss]
-    wall = time.perf_counter() - start
-    assert len(statuses) == 100 and set(statuses) <= {200, 503}
-    ok = statuses.count(200)
-    assert ok >= 96  # 4 clients never fill a queue of 8
-    lat = sorted(latencies)
-    print(f"\n[serve load] 4 clients x 25 requests: {ok} answered 200, {100 - ok} 503; {ok / wall:.1f} requests/s, "
-          f"p50 {1000 * statistics.median(lat):.0f} ms, p95 {1000 * lat[int(0.95 * len(lat)) - 1]:.0f} ms")
+    figs = run_load(server.url, images, 25, check)
+    assert figs["requests"] == 100 and figs["ok"] + figs["busy"] == 100 and figs["other"] == 0
+    assert figs["ok"] >= 96  # 4 clients never fill a queue of 8
+    print(f"\n[serve load] 4 clients x 25 requests: {figs['ok']} answered 200, {figs['busy']} 503; "
+          f"{figs['requests_per_s']:.1f} requests/s, p50 {1000 * figs['p50_s']:.0f} ms, "
+          f"p95 {1000 * figs['p95_s']:.0f} ms")
 
 
 def test_health_answers_while_the_model_is_busy(server: Server) -> None:
@@ -319,6 +308,35 @@ def test_sigterm_drains_requests_in_flight(small_model: Path) -> None:
     assert srv.proc.wait(timeout=60) in (0, -signal.SIGTERM)
 
 
+def test_keypoint_model_answers_with_keypoints(tmp_path: Path) -> None:
+    """A Keypoint R-CNN's detections carry (K, 3) keypoints [x, y, score] in input pixels, the response its keypoint
+    names, skeleton and drawing threshold, and the v2 infer answer a keypoints output."""
+    torch.manual_seed(0)
+    cfg = apply_overrides(get_preset("r18_fpn_keypoint_demo"), ["model.box_head.detections_per_img=5"])
+    save_model(MaskRCNN(cfg).eval(), tmp_path / "people")
+    srv = Server(tmp_path / "people", "--score-threshold", "0.0")
+    try:
+        body = httpx.post(srv.url + "/v1/predict", content=_png(), timeout=60).json()
+        assert 0 < len(body["detections"]) <= 5
+        assert body["keypoint_names"] == list(cfg.model.keypoint_head.names)
+        assert body["skeleton"] == [list(p) for p in cfg.model.keypoint_head.skeleton]
+        assert body["keypoint_threshold"] == cfg.model.keypoint_head.draw_threshold
+        for det in body["detections"]:
+            assert "mask" not in det and len(det["keypoints"]) == 17 and all(len(k) == 3 for k in det["keypoints"])
+            x1, y1, x2, y2 = det["box"]
+            assert all(x1 - 0.5 <= x <= x2 + 0.5 and y1 - 0.5 <= y <= y2 + 0.5 for x, y, _ in det["keypoints"])
+        img = np.asarray(Image.open(io.BytesIO(_png())).convert("RGB"))
+        req = {"inputs": [{"name": "image", "shape": list(img.shape), "datatype": "UINT8",
+                           "data": img.reshape(-1).tolist()}]}
+        out = {o["name"]: o for o in httpx.post(srv.url + "/v2/models/people/infer", json=req, timeout=60
+                                                 ).json()["outputs"]}
+        assert out["keypoints"]["shape"] == [len(body["detections"]), 17, 3]
+        meta = httpx.get(srv.url + "/v2/models/people").json()
+        assert meta["outputs"][-1] == {"name": "keypoints", "datatype": "FP32", "shape": [-1, 17, 3]}
+    finally:
+        srv.stop()
+
+
 def test_non_local_bind_needs_a_key(small_model: Path, capsys: pytest.CaptureFixture) -> None:
     """Binding to 0.0.0.0 without --api-key or --insecure-no-api-key is refused with an explanation."""
     from maskrcnn.cli import main
@@ -340,3 +358,120 @@ def test_decode_and_polygons() -> None:
     # Pixel i covers [i, i + 1): columns 4..11 span x in [4, 12], rows 5..9 span y in [5, 10].
     assert (min(xs), max(xs), min(ys), max(ys)) == (4.0, 12.0, 5.0, 10.0)
     assert json.dumps(poly)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The page in a real browser: headless Chromium from the distribution, driven by Selenium through its chromedriver
+
+# CI sets it (.ci/run), so that a missing browser fails the suite instead of skipping the page's test.
+REQUIRE_BROWSER = "MASKRCNN_REQUIRE_BROWSER"
+
+# Canvas pixels that differ from the uploaded image drawn alone, and at each [x, y] of ``points``: whether the
+# page drew over it. Globals of the page's script (``image``) are visible to injected scripts.
+CANVAS_DIFF_JS = """
+const points = arguments[0];
+const c = document.getElementById("canvas");
+const plain = document.createElement("canvas");
+plain.width = c.width; plain.height = c.height;
+plain.getContext("2d").drawImage(image, 0, 0);
+const a = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+const b = plain.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+const differs = (i) => a[i] !== b[i] || a[i + 1] !== b[i + 1] || a[i + 2] !== b[i + 2];
+let changed = 0;
+for (let i = 0; i < a.length; i += 4) if (differs(i)) changed++;
+return {width: c.width, height: c.height, changed: changed,
+        at: points.map(([x, y]) => differs(4 * (Math.floor(y) * c.width + Math.floor(x))))};
+"""
+
+
+def chromium_driver(width: int = 1280, height: int = 900, scale: float = 1.0) -> Any:
+    """A headless Chromium WebDriver (system chromium + chromedriver, no download); skips, or fails under
+    $MASKRCNN_REQUIRE_BROWSER, when selenium or the browser is missing."""
+    try:
+        from selenium import webdriver  # noqa: PLC0415
+        from selenium.webdriver.chrome.service import Service  # noqa: PLC0415
+    except ImportError:
+        require_or_skip("the browser test needs selenium (pip install -e '.[dev]')", REQUIRE_BROWSER)
+    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        require_or_skip("the browser test needs chromium and chromedriver from the distribution "
+                        "(apt-get install chromium chromium-driver)", REQUIRE_BROWSER)
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    # --no-sandbox: Chromium's sandbox refuses to run as root (CI containers).
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                f"--window-size={width},{height}", f"--force-device-scale-factor={scale}"):
+        options.add_argument(arg)
+    return webdriver.Chrome(options=options, service=Service(executable_path=driver))
+
+
+def _set_slider(driver: Any, value: float) -> None:
+    """Move the score slider as a person would: set its value and fire the input event."""
+    driver.execute_script("const s = document.getElementById('score'); s.value = arguments[0];"
+                          "s.dispatchEvent(new Event('input'));", f"{value:.2f}")
+
+
+def _rows(driver: Any) -> list[tuple[str, str]]:
+    """The detections table's (class name, score text) rows, top to bottom."""
+    from selenium.webdriver.common.by import By  # noqa: PLC0415
+
+    rows = driver.find_elements(By.CSS_SELECTOR, "#table tbody tr")
+    return [(r.find_elements(By.TAG_NAME, "td")[1].text, r.find_elements(By.TAG_NAME, "td")[2].text) for r in rows]
+
+
+def test_page_in_a_browser_draws_the_detections(server: Server, tmp_path: Path) -> None:
+    """Headless Chromium uploads an image on the page; the table lists the model's detections, the canvas draws
+    them, the slider filters rows without a new request, and hovering a row highlights its instance."""
+    from selenium.webdriver.common.action_chains import ActionChains  # noqa: PLC0415
+    from selenium.webdriver.common.by import By  # noqa: PLC0415
+    from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
+
+    driver = chromium_driver()
+    try:
+        data = _png(200, 150, seed=11)
+        path = tmp_path / "upload.png"
+        path.write_bytes(data)
+        # What the page asks for (everything, polygons): the same model and bytes give the same detections.
+        expected = httpx.post(server.url + "/v1/predict", files={"image": ("upload.png", data, "image/png")},
+                              params={"mask_format": "polygon", "score_threshold": 0}, timeout=60).json()
+        dets = expected["detections"]
+        assert len(dets) >= 2
+        driver.get(server.url + "/")
+        driver.find_element(By.ID, "file").send_keys(str(path))
+        WebDriverWait(driver, 60).until(lambda d: "detections shown" in d.find_element(By.ID, "status").text)
+        assert driver.execute_script("return data.detections.length") == len(dets)
+
+        # Every detection: one row each, in the JSON's order, with its name and score.
+        _set_slider(driver, 0.0)
+        assert _rows(driver) == [(d["name"], f"{d['score']:.3f}") for d in dets]
+        x1, y1, x2, y2 = dets[0]["box"]
+        left_edge, right_edge = [x1, (y1 + y2) / 2], [min(x2, 199.0), (y1 + y2) / 2]
+        drawn = driver.execute_script(CANVAS_DIFF_JS, [left_edge, right_edge])
+        assert (drawn["width"], drawn["height"]) == (200, 150)
+        assert drawn["changed"] > 0 and all(drawn["at"]), drawn
+
+        # A threshold between the scores keeps exactly the detections at or above it, without asking again.
+        scores = sorted({d["score"] for d in dets})
+        cut = next((t / 100 for t in range(1, 100) if scores[0] < t / 100 <= scores[-1]), None)
+        assert cut is not None, scores
+        _set_slider(driver, cut)
+        assert _rows(driver) == [(d["name"], f"{d['score']:.3f}") for d in dets if d["score"] >= cut]
+        requests = driver.execute_script(
+            "return performance.getEntriesByType('resource').filter(e => e.name.includes('/v1/predict')).length")
+        assert requests == 1
+
+        # Hovering a row highlights it and redraws the canvas (its instance strong, the others faded).
+        before = driver.execute_script(CANVAS_DIFF_JS, [])["changed"]
+        row = driver.find_elements(By.CSS_SELECTOR, "#table tbody tr")[0]
+        ActionChains(driver).move_to_element(row).perform()
+        assert "hl" in row.get_attribute("class")
+        assert driver.execute_script(CANVAS_DIFF_JS, [])["changed"] != before
+
+        # Above every score: no rows and the canvas is the image alone.
+        assert scores[-1] < 1.0
+        _set_slider(driver, 1.0)
+        assert _rows(driver) == []
+        assert driver.execute_script(CANVAS_DIFF_JS, [])["changed"] == 0
+    finally:
+        driver.quit()

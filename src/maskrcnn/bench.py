@@ -68,7 +68,9 @@ MODEL_PRESETS: dict[str, str] = {
 # "onnx" runs the model exported by maskrcnn.export in onnxruntime's CPU provider (inference only; [onnx] extra).
 MODES = ("fast", "naive", "fast_math", "compile", "bf16", "onnx")
 INFERENCE_ONLY_MODES = ("compile", "onnx")
-TASKS = ("inference", "training", "throughput", "large_image")
+TASKS = ("inference", "training", "throughput", "large_image", "serve")
+# serve runs `maskrcnn serve` on the model saved (fast: load_model's default path) or exported (onnx).
+SERVE_MODES = ("fast", "onnx")
 # large_image measures peak RSS, so it runs on the default path only: the naive path pastes dense float masks
 # (100 x 9000 x 12000 x 4 bytes = 43 GB) and the other modes change no memory-relevant step.
 LARGE_IMAGE_MODES = ("fast",)
@@ -116,6 +118,10 @@ class BenchSettings:
     large_size: tuple[int, int] = (9000, 12000)
     large_model: str = "r50_fpn_v1"
     large_test_size: tuple[int, int] = (800, 1333)
+    # serve: the bounded load test of `maskrcnn serve` (clients x requests, each client its own HEIGHT x WIDTH PNG).
+    serve_model: str = "r18_fpn"
+    serve_clients: int = 4
+    serve_requests: int = 25
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -390,6 +396,63 @@ def bench_onnx_inference(name: str, settings: BenchSettings) -> dict[str, Any]:
             "image": [3, settings.height, settings.width], "export_s": export_s}
 
 
+def bench_serve(name: str, mode: str, settings: BenchSettings) -> dict[str, Any]:
+    """The bounded load test of ``maskrcnn serve``: requests/s and p50/p95 latency (s) of ``serve_clients`` clients
+    sending ``serve_requests`` PNGs each (``mask_format=none``), the model saved (fast) or exported (onnx).
+
+    The server runs in its own process with ``threads`` OpenMP threads; every answer must be a 200 or a 503. Its
+    peak RSS (MB) and the CPU time it spent under the load are recorded with the figures.
+    """
+    import io  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    from PIL import Image  # noqa: PLC0415
+
+    from maskrcnn.serve.load import run_load, serving  # noqa: PLC0415
+    from maskrcnn.weights import save_model  # noqa: PLC0415
+
+    model, source = build_model(name, "fast", settings)
+    images = []
+    for c in range(settings.serve_clients):
+        buf = io.BytesIO()
+        Image.fromarray(_image(settings, c).permute(1, 2, 0).numpy()).save(buf, format="PNG")
+        images.append(buf.getvalue())
+
+    def check(client: int, status: int, headers: dict[str, str], body: bytes) -> None:
+        if status not in (200, 503):
+            raise RuntimeError(f"serve bench: client {client} got HTTP {status}: {body[:300]!r}")
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(settings.threads or torch.get_num_threads()))
+    with tempfile.TemporaryDirectory() as tmp:
+        if mode == "onnx":
+            from maskrcnn.export import export_onnx  # noqa: PLC0415
+
+            weights = str(export_onnx(model, Path(tmp) / f"{name}.onnx"))
+            args: list[str] = []
+        else:
+            weights = str(save_model(model, Path(tmp) / name))
+            args = ["--device", "cpu"]
+        del model
+        # Score threshold 0: every detection's mask is predicted, as in the inference task.
+        with serving(weights, *args, "--score-threshold", "0", env=env) as server:
+            cpu0 = server.cpu_seconds()
+            figs = run_load(server.url, images, settings.serve_requests, check)
+            cpu1 = server.cpu_seconds()
+            # The server's own work, which the foreign-CPU share must not count as another process's.
+            figs["server_cpu_s"] = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+            figs["peak_rss_mb"] = server.peak_rss_mb()
+    figs.update(median_s=figs["p50_s"], weights=source, image=[3, settings.height, settings.width])
+    return figs
+
+
+def format_serve(figs: dict[str, dict[str, Any]]) -> str:
+    """The serve task's table: one row per mode."""
+    rows = [[mode, f"{f['clients']} x {f['requests'] // max(f['clients'], 1)}", f"{f['ok']}", f"{f['busy']}",
+             f"{f['requests_per_s']:.2f}", _fmt_s(f["p50_s"]), _fmt_s(f["p95_s"])] for mode, f in figs.items()]
+    return "serve (bounded load test of maskrcnn serve)\n" + _table(
+        ["mode", "clients x requests", "200", "503", "requests/s", "p50", "p95"], rows)
+
+
 def large_image_keys(settings: BenchSettings) -> list[str]:
     """Scenario keys of the large_image task: "<predict|eval>@<H>x<W>" at the large size, then the baseline size."""
     sizes = (settings.large_size, (settings.height, settings.width))
@@ -583,6 +646,8 @@ def _scenario(kind: str, key: Any, mode: str, settings: BenchSettings) -> dict[s
         out = bench_training(key, mode, settings)
     elif kind == "large_image":
         out = bench_large_image(key, mode, settings)
+    elif kind == "serve":
+        out = bench_serve(key, mode, settings)
     else:
         out = bench_throughput(mode, settings)
     out["threads"] = torch.get_num_threads()
@@ -594,6 +659,7 @@ def _scenario(kind: str, key: Any, mode: str, settings: BenchSettings) -> dict[s
             out["conv_fraction_nchw"] = out["gflops_per_s"] / out["conv_microbench"]["nchw_gflops"]
     # In a fresh worker this is its whole life's CPU time, which is what the caller's busy-time window spans.
     out["cpu_s"] = time.process_time() if settings.isolate else time.process_time() - cpu_start
+    out["cpu_s"] += out.get("server_cpu_s") or 0.0  # the serve task's work runs in its server process
     return out
 
 
@@ -611,6 +677,8 @@ def _plan(settings: BenchSettings) -> list[tuple[str, Any]]:
         plan.append(("throughput", settings.throughput_model))
     if "large_image" in settings.tasks:
         plan += [("large_image", key) for key in large_image_keys(settings)]
+    if "serve" in settings.tasks:
+        plan.append(("serve", settings.serve_model))
     return plan
 
 
@@ -637,6 +705,8 @@ def run_benchmarks(settings: BenchSettings = BenchSettings(), log: Callable[[str
             if kind == "training" and mode in INFERENCE_ONLY_MODES:
                 continue  # these apply to inference only; their training step is the fast one
             if kind == "large_image" and mode not in LARGE_IMAGE_MODES:
+                continue
+            if kind == "serve" and mode not in SERVE_MODES:
                 continue
             label = f"{kind} {key} [{mode}]"
             say(f"running {label} ...")
@@ -886,6 +956,9 @@ def format_report(report: dict[str, Any]) -> str:
                      + _table(["stage", primary] + ([other, "ratio"] if of else []), rows))
     if res[primary].get("large_image"):
         parts.append(format_large_image(res[primary]["large_image"]))
+    serve = {m: f for m in modes for f in res[m].get("serve", {}).values()}
+    if serve:
+        parts.append(format_serve(serve))
     comp = report.get("comparisons", {})
     if "vs_baseline" in comp:
         rows = [[k, _fmt_r(v)] for k, v in comp["vs_baseline"].items() if "/stage/" not in k]

@@ -354,7 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default="inference,training,throughput", metavar="TASKS",
                    help="comma-separated tasks: inference, training, throughput, large_image (peak RSS of predict "
                         "and eval on a 12000x9000 photo with DETECTIONS masks, against the same runs at "
-                        "HEIGHT x WIDTH; fast mode only)")
+                        "HEIGHT x WIDTH; fast mode only), serve (requests/s and p50/p95 latency of maskrcnn serve "
+                        "under --serve-clients x --serve-requests; fast and onnx modes)")
+    p.add_argument("--serve-model", default="r18_fpn", metavar="NAME", help="model of the serve task")
+    p.add_argument("--serve-clients", type=_positive_int, default=4, help="concurrent clients of the serve task")
+    p.add_argument("--serve-requests", type=_positive_int, default=25, help="requests per client of the serve task")
     p.add_argument("--repeats", type=_positive_int, default=5, help="timed runs per scenario (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     p.add_argument("--height", type=_positive_int, default=800, help="image height in pixels")
@@ -863,7 +867,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         train_batches=batches, train_model=args.train_model, throughput_batch=args.throughput_batch,
         threads=args.threads, fixtures=args.fixtures, random_weights=args.random_weights,
         isolate=not args.no_isolate, count_flops=not args.no_flops,
-        thp=None if args.thp == "inherit" else args.thp == "on", wait_idle=args.wait_idle)
+        thp=None if args.thp == "inherit" else args.thp == "on", wait_idle=args.wait_idle,
+        serve_model=args.serve_model, serve_clients=args.serve_clients, serve_requests=args.serve_requests)
     baseline = None
     if args.baseline:
         try:

@@ -5,10 +5,14 @@ Endpoints:
 - ``POST /v1/predict``: an image as the raw body or as the multipart field ``image``; query (or form) parameters
   ``score_threshold``, ``max_detections`` and ``mask_format`` (``rle``, ``polygon`` or ``none``). Returns
   ``{"model", "image": {"width", "height"}, "detections": [{"category_id", "label", "name", "score",
-  "box": [x1, y1, x2, y2] (input pixels), "mask"}], "inference_ms"}``.
+  "box": [x1, y1, x2, y2] (input pixels), "mask", "keypoints": [[x, y, score], ...]}], "inference_ms"}``; the mask
+  with a mask head, the keypoints (input pixels, the model's score) with a keypoint head, which also adds
+  ``"keypoint_names"``, ``"skeleton"`` (pairs of 0-based keypoint indices) and ``"keypoint_threshold"`` (the score
+  under which drawings skip a joint) at the top level.
 - KServe / Open Inference Protocol v2: ``GET /v2/health/live``, ``GET /v2/health/ready``,
   ``GET /v2/models/{name}``, ``POST /v2/models/{name}/infer`` (input ``image``: UINT8 [H, W, 3]; outputs
-  ``boxes`` FP32 [N, 4], ``scores`` FP32 [N], ``labels`` INT64 [N]).
+  ``boxes`` FP32 [N, 4], ``scores`` FP32 [N], ``labels`` INT64 [N], and ``keypoints`` FP32 [N, K, 3] with a
+  keypoint head).
 - ``GET /``: the page in ``static/`` (no external assets).
 
 Every error is JSON ``{"error": "..."}`` with its status: 400 bad input, 401 missing or wrong API key, 413 body or
@@ -177,6 +181,7 @@ class ModelService:
         names, cats = result.class_names, result.category_ids
         masks = result.masks.cpu().numpy() if result.masks is not None and mask_format != "none" else None
         rles = encode_rle(masks) if masks is not None and mask_format == "rle" else None
+        keypoints = result.keypoints.tolist() if result.keypoints is not None else None
         out = []
         for i, (box, score, label) in enumerate(zip(result.boxes.tolist(), result.scores.tolist(),
                                                     result.labels.tolist())):
@@ -186,6 +191,9 @@ class ModelService:
                 det["mask"] = {"format": "rle", **rles[i]}
             elif masks is not None:
                 det["mask"] = {"format": "polygon", "polygons": mask_to_polygons(masks[i])}
+            if keypoints is not None:
+                det["keypoints"] = [[round(float(x), 2), round(float(y), 2), round(float(v), 4)]
+                                    for x, y, v in keypoints[i]]
             out.append(det)
         return out
 
@@ -288,6 +296,10 @@ def create_app(model: Any, name: str, settings: ServeSettings = ServeSettings())
                     "detections": service.detections_json(result, None if max_det is None else int(max_det),
                                                           mask_format),
                     "inference_ms": round(seconds * 1000, 1)}
+            kh = service.model.cfg.model.keypoint_head
+            if kh.enabled:
+                body.update(keypoint_names=list(kh.names), skeleton=[list(pair) for pair in kh.skeleton],
+                            keypoint_threshold=kh.draw_threshold)
             return JSONResponse(body)
         except HTTPError as e:
             return _error(e)
@@ -310,12 +322,14 @@ def create_app(model: Any, name: str, settings: ServeSettings = ServeSettings())
             model_or_404(request)
         except HTTPError as e:
             return _error(e)
+        kh = service.model.cfg.model.keypoint_head
+        keypoints = [{"name": "keypoints", "datatype": "FP32", "shape": [-1, kh.num_keypoints, 3]}] * kh.enabled
         return JSONResponse({
             "name": service.name, "versions": ["1"], "platform": "maskrcnn",
             "inputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, -1, 3]}],
             "outputs": [{"name": "boxes", "datatype": "FP32", "shape": [-1, 4]},
                         {"name": "scores", "datatype": "FP32", "shape": [-1]},
-                        {"name": "labels", "datatype": "INT64", "shape": [-1]}],
+                        {"name": "labels", "datatype": "INT64", "shape": [-1]}, *keypoints],
             "parameters": {"class_names": list(service.model.cfg.model.class_names)}})
 
     async def v2_infer(request: Request) -> Any:
@@ -352,6 +366,9 @@ def create_app(model: Any, name: str, settings: ServeSettings = ServeSettings())
                 {"name": "scores", "datatype": "FP32", "shape": [len(result)],
                  "data": [round(float(v), 6) for v in result.scores.tolist()]},
                 {"name": "labels", "datatype": "INT64", "shape": [len(result)], "data": result.labels.tolist()}]
+            if result.keypoints is not None:
+                outputs.append({"name": "keypoints", "datatype": "FP32", "shape": list(result.keypoints.shape),
+                                "data": [round(float(v), 4) for v in result.keypoints.reshape(-1).tolist()]})
             return JSONResponse({"model_name": service.name, "model_version": "1", "id": req.get("id", ""),
                                  "outputs": outputs})
         except HTTPError as e:
