@@ -512,6 +512,9 @@ _GRAPH_CONVENTIONS: dict[str, Any] = {
     "model.box_head.pooler_level_eps": LEVEL_EPS, "model.box_head.pooler_eps_inside_log": False,
     "model.box_head.drop_non_finite": False, "model.box_head.clip_to_input": False,
     "model.mask_head.mask_threshold_inclusive": False,
+    # The paper's ablation switches (Table 2): the graph has RoIAlign and the per-class sigmoid FCN mask head only.
+    "model.roi_pooler.type": "align", "model.mask_head.type": "fcn", "model.mask_head.loss": "sigmoid",
+    "model.mask_head.class_agnostic": False,
     # The graph has no keypoint branch yet: a Keypoint R-CNN would export without its keypoints.
     "model.keypoint_head.enabled": False,
 }
