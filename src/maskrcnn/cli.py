@@ -352,8 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="demo: ~1.5 min per run on 2 CPU cores (about 30 min for 3 seeds); long: 5x the "
                         "iterations on more images; smoke: seconds, checks the pipeline only")
     p.add_argument("--variants", default=None, metavar="NAMES",
-                   help=f"comma-separated subset of {','.join(v.name for v in ABLATION_VARIANTS)} (the baseline "
-                        f"always runs; default: all)")
+                   help=f"comma-separated subset of {','.join(v.name for v in ABLATION_VARIANTS)}; the baseline "
+                        f"always runs (default: all)")
     _add_device(p, default=None, help_default=" (default: the preset's train.device)")
     p.set_defaults(func=cmd_ablate)
 

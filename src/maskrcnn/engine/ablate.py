@@ -407,7 +407,9 @@ def write_chart(summary: dict[str, Any], path: str | Path) -> Path | None:
     left.set_xticks(range(len(names)), names)
     left.set_ylabel("percent")
     left.set_title(f"ours (mean ± std over {summary.get('seeds', 1)} seeds)")
-    left.legend(loc="lower right", fontsize=8)
+    top = max(rows[n][k][0] + rows[n][k][1] for n in names for k in ("AP", "AP50", "AP75"))
+    left.set_ylim(0, max(top, 1.0) * 1.18)  # headroom for the legend above the bars
+    left.legend(loc="upper center", ncol=3, fontsize=8)
     effects = [n for n in names if n != "baseline"]
     xs = range(len(effects))
     right.bar([x - 0.2 for x in xs], [rows[n]["dAP"][0] for n in effects], 0.4,
