@@ -17,7 +17,7 @@ def test_ablate_smoke_writes_a_complete_table_and_skips_finished_runs(tmp_path: 
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "abl"
     # One seed keeps it quick; test_verdicts_... covers the statistics over several.
-    assert cli.main(["ablate", "--out", str(out), "--seeds", "1", "--budget", "smoke"]) == 0
+    assert cli.main(["ablate", "--out", str(out), "--seeds", "1", "--budget", "smoke", "--threads", "1"]) == 0
     table = (out / "ablations.md").read_text()
     assert "maskrcnn ablate --out" in table and "--budget smoke" in table
     rows = [line for line in table.splitlines() if line.startswith("| ") and " ± " in line]

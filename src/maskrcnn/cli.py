@@ -354,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default=None, metavar="NAMES",
                    help=f"comma-separated subset of {','.join(v.name for v in ABLATION_VARIANTS)}; the baseline "
                         f"always runs (default: all)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch intra-op threads; on a CPU that other processes keep busy, 1 thread is several "
+                        "times faster than threads spin-waiting for each other (default: one per usable CPU)")
     _add_device(p, default=None, help_default=" (default: the preset's train.device)")
     p.set_defaults(func=cmd_ablate)
 
@@ -875,6 +878,10 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from maskrcnn.engine.ablate import run_ablation  # noqa: PLC0415
 
     _check_device(args.device)
+    if args.threads is not None:
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(args.threads)
     variants = None if args.variants is None else [v.strip() for v in args.variants.split(",") if v.strip()]
     command = "maskrcnn " + " ".join(shlex.quote(a) for a in args.argv)
     summary = run_ablation(args.out, seeds=args.seeds, budget=args.budget, variants=variants, device=args.device,
