@@ -115,6 +115,7 @@ _RECIPE = (
 
 
 def _sized(size: int) -> tuple[str, ...]:
+    """Overrides that train and test at ``size`` px, the synthetic images' own side (no resize)."""
     return (f"input.min_size_train=[{size}]", f"input.max_size_train={size}", f"input.min_size_test={size}",
             f"input.max_size_test={size}")
 
