@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import maskrcnn.ops.roi_align as ra
-from maskrcnn.ops.roi_align import roi_align, roi_pool
+from maskrcnn.ops.roi_align import roi_align, roi_pool, roi_warp
 
 FLT_MAX = 3.4028234663852886e38  # C's FLT_MAX, where torchvision's RoIPool scan starts for every dtype
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -354,3 +354,74 @@ def test_half_input_is_computed_in_float32(op: Any) -> None:
     out = op(x, rois, 3, 1.0)
     assert out.dtype == torch.float16
     assert torch.equal(out, op(x.float(), rois, 3, 1.0).half())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RoIWarp (the paper's Table 2c): the box rounded to feature pixels, then bilinear samples averaged per bin
+
+
+def _ref_roi_warp(
+    x: torch.Tensor, rois: torch.Tensor, out_hw: tuple[int, int], scale: float, sampling_ratio: int, aligned: bool,
+    grad_out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward output and input gradient of RoIWarp, one sample at a time, for a float64 case."""
+    n, c, h, w = x.shape
+    oh, ow = out_hw
+    feats, g, out, grad = _lists(x, rois, out_hw, grad_out)
+    for k, (b, x1, y1, x2, y2) in enumerate(rois.tolist()):
+        b = int(b)
+        # Quantised box corners, in feature pixels; then RoIAlign's continuous bins over that box.
+        qx1, qy1, qx2, qy2 = (float(_c_round(v * scale)) for v in (x1, y1, x2, y2))
+        offset = 0.5 if aligned else 0.0
+        sx, sy = qx1 - offset, qy1 - offset
+        rw, rh = (qx2 - offset) - sx, (qy2 - offset) - sy
+        if not aligned:
+            rw, rh = max(rw, 1.0), max(rh, 1.0)
+        gh = sampling_ratio if sampling_ratio > 0 else int(math.ceil(rh / oh))
+        gw = sampling_ratio if sampling_ratio > 0 else int(math.ceil(rw / ow))
+        count = max(gh * gw, 1)
+        for ph in range(oh):
+            for pw in range(ow):
+                points = []
+                for iy in range(gh):
+                    yy = sy + ph * rh / oh + (iy + 0.5) * (rh / oh) / gh
+                    for ix in range(gw):
+                        xx = sx + pw * rw / ow + (ix + 0.5) * (rw / ow) / gw
+                        points += _bilinear(yy, xx, h, w)
+                for ch in range(c):
+                    out[k][ch][ph][pw] = sum(wt * feats[b][ch][yi][xi] for yi, xi, wt in points) / count
+                    for yi, xi, wt in points:
+                        grad[b][ch][yi][xi] += g[k][ch][ph][pw] * wt / count
+    return torch.tensor(out, dtype=torch.float64).view(-1, c, oh, ow), torch.tensor(grad, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(("out_hw", "scale", "sampling_ratio", "aligned"),
+                         [((3, 2), 1.0, 2, False), ((2, 3), 0.5, -1, True), ((4, 4), 0.25, 1, False)])
+def test_roi_warp_matches_brute_force(out_hw: tuple[int, int], scale: float, sampling_ratio: int,
+                                      aligned: bool) -> None:
+    gen = torch.Generator().manual_seed(21 + out_hw[0])
+    x = torch.randn(2, 3, 7, 9, generator=gen, dtype=torch.float64)
+    rois = _random_rois(gen, 2, 7, 9, 8, scale)
+    halves = torch.tensor([[0.5, 1.5, 2.5, 3.5], [-0.5, -1.5, 4.5, 2.5]], dtype=torch.float64) / scale
+    rois = torch.cat([rois, torch.cat([torch.tensor([[0.0], [1.0]], dtype=torch.float64), halves], dim=1)])
+    grad_out = torch.randn(rois.shape[0], 3, *out_hw, generator=gen, dtype=torch.float64)
+    want_out, want_grad = _ref_roi_warp(x, rois, out_hw, scale, sampling_ratio, aligned, grad_out)
+    xg = x.clone().requires_grad_(True)
+    out = roi_warp(xg, rois, out_hw, scale, sampling_ratio, aligned)
+    out.backward(grad_out)
+    torch.testing.assert_close(out, want_out, atol=1e-10, rtol=0)
+    torch.testing.assert_close(xg.grad, want_grad, atol=1e-10, rtol=0)
+
+
+def test_roi_warp_gradcheck_and_quantisation() -> None:
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 2, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, 0.3, 0.7, 4.2, 3.9], [1, -1, 1.5, 3, 6.5], [0, 2, 2, 2.4, 2.2]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: roi_warp(t, rois, (2, 3), 1.0, 2, False), (x,))
+    # Boxes on whole feature pixels are not moved by the rounding: there RoIWarp is RoIAlign.
+    whole = torch.tensor([[0, 0, 2, 8, 6], [1, 2, 0, 10, 10]], dtype=torch.float64)
+    torch.testing.assert_close(roi_warp(x, whole, 3, 0.5, 2, True), roi_align(x, whole, 3, 0.5, 2, True))
+    # A sub-pixel shift of the box moves RoIAlign's output but not RoIWarp's.
+    shifted = whole + torch.tensor([0, 0.3, 0.3, 0.3, 0.3], dtype=torch.float64)
+    assert torch.equal(roi_warp(x, shifted, 3, 0.5, 2, True), roi_warp(x, whole, 3, 0.5, 2, True))
+    assert not torch.allclose(roi_align(x, shifted, 3, 0.5, 2, True), roi_align(x, whole, 3, 0.5, 2, True))

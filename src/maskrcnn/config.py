@@ -191,10 +191,33 @@ class BoxHeadConfig:
 
 
 @dataclass(frozen=True)
+class RoIPoolerConfig:
+    """How every RoI head (box, mask, keypoint) turns a box into a fixed-size feature (paper, Table 2c)."""
+
+    # "align": RoIAlign (the paper's): bilinear samples at unquantised positions, averaged per bin; its
+    # alignment and sampling are each head's pooler_aligned / pooler_sampling_ratio. "pool": RoIPool (Fast
+    # R-CNN): the box and the bins are quantised to feature pixels and each bin max-pooled (sampling and
+    # alignment unused). "warp": RoIWarp (MNC): the box is quantised to feature pixels, then sampled as RoIAlign.
+    type: Literal["align", "pool", "warp"] = "align"
+
+
+@dataclass(frozen=True)
 class MaskHeadConfig:
     """Mask head: 4 x conv3x3, 2x2 deconvolution, 1x1 predictor; per-class sigmoid masks."""
 
     enabled: bool = True
+    # "fcn": the convs, deconvolution and 1x1 predictor (the paper's). "mlp": flatten the pooled RoI, then
+    # fully connected layers of mlp_dims, then one to channels x m x m (paper, Table 2e); num_convs, conv_dim,
+    # dilation and norm are then unused.
+    type: Literal["fcn", "mlp"] = "fcn"
+    mlp_dims: tuple[int, ...] = (1024, 1024)
+    # "sigmoid": per-class sigmoid, binary cross-entropy on the ground-truth class's channel (the paper's).
+    # "softmax": a per-pixel softmax over the K classes and background, multinomial cross-entropy against the
+    # (soft) target, split between the RoI's class (inside its mask) and background; at inference the predicted
+    # class's probability is the mask (paper, Table 2b). It needs K+1 channels whatever model.background is.
+    loss: Literal["sigmoid", "softmax"] = "sigmoid"
+    # One mask channel for every class (paper, Table 2b) rather than one per class; sigmoid loss only.
+    class_agnostic: bool = False
     pooler_resolution: int = 14
     pooler_sampling_ratio: int = 2
     pooler_aligned: bool = False
@@ -277,6 +300,7 @@ class ModelConfig:
     rpn: RPNConfig = field(default_factory=RPNConfig)
     box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)
     mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+    roi_pooler: RoIPoolerConfig = field(default_factory=RoIPoolerConfig)
     # Off by default; a keypoint model may keep its mask head too (the paper's Table 4 trains both).
     keypoint_head: KeypointHeadConfig = field(default_factory=KeypointHeadConfig)
 
@@ -447,6 +471,7 @@ FIELD_RANGES: dict[str, Range] = {
     "MaskHeadConfig.num_convs": NON_NEGATIVE, "MaskHeadConfig.conv_dim": AT_LEAST_1,
     "MaskHeadConfig.dilation": AT_LEAST_1, "MaskHeadConfig.norm_eps": NON_NEGATIVE,
     "MaskHeadConfig.paste_padding": NON_NEGATIVE, "MaskHeadConfig.mask_threshold": FRACTION,
+    "MaskHeadConfig.mlp_dims": AT_LEAST_1,
     "ModelConfig.num_classes": AT_LEAST_1, "ModelConfig.category_ids": NON_NEGATIVE,
     "SolverConfig.base_lr": POSITIVE, "SolverConfig.momentum": UNIT_OPEN, "SolverConfig.adam_betas": UNIT_OPEN,
     "SolverConfig.weight_decay": NON_NEGATIVE, "SolverConfig.weight_decay_norm": NON_NEGATIVE,
@@ -526,6 +551,9 @@ def validate_config(cfg: Config) -> None:
     for key in ("pixel_mean", "pixel_std"):
         need(len(getattr(inp, key)) == 3, f"config key 'input.{key}' must have 3 values (one per colour channel), "
                                           f"got {getattr(inp, key)!r}")
+    need(not (m.mask_head.class_agnostic and m.mask_head.loss == "softmax"),
+         "config key 'model.mask_head.class_agnostic'=true needs model.mask_head.loss=sigmoid: a softmax over one "
+         "class and background is the sigmoid in other words")
     need(inp.lsj_scale[0] <= inp.lsj_scale[1],
          f"config key 'input.lsj_scale' must be [low, high] with low <= high, got {list(inp.lsj_scale)!r}")
 

@@ -824,6 +824,29 @@ def _toposort(nodes: list[Any], available: set[str]) -> list[Any]:
     return order
 
 
+# The paper's ablation switches (Table 2) with the only values the graph implements: RoIAlign and the per-class
+# sigmoid FCN mask head. Every other config value (both frameworks' conventions, every layout) is read by the graph.
+_GRAPH_SWITCHES: dict[str, Any] = {
+    "model.roi_pooler.type": "align", "model.mask_head.type": "fcn", "model.mask_head.loss": "sigmoid",
+    "model.mask_head.class_agnostic": False,
+}
+
+
+def _check_switches(cfg: Config) -> None:
+    """Raise NotImplementedError naming every ablation switch whose value the exported graph would not reproduce."""
+    data = cfg.to_dict()
+    bad = []
+    for key, want in _GRAPH_SWITCHES.items():
+        node: Any = data
+        for part in key.split("."):
+            node = node.get(part, want) if isinstance(node, dict) else want
+        if node != want:
+            bad.append(f"{key}={node!r}")
+    if bad:
+        raise NotImplementedError(f"the ONNX export implements RoIAlign and the per-class sigmoid FCN mask head; "
+                                  f"this model has {', '.join(bad)} (not exported)")
+
+
 def export_onnx(model: Any, path: str | Path, opset: int = DEFAULT_OPSET, source: str = "") -> Path:
     """Write ``model`` (a MaskRCNN, in eval mode, its config's test-time settings) as one ONNX graph to ``path``.
 
@@ -838,6 +861,7 @@ def export_onnx(model: Any, path: str | Path, opset: int = DEFAULT_OPSET, source
         raise ValueError(f"opset {opset} is too old: the exported graph needs opset {MIN_OPSET} or newer")
     model = getattr(model, "model", model)  # a Predictor facade holds the nn.Module as .model
     cfg: Config = model.cfg
+    _check_switches(cfg)
     # The naive path in float32 on the CPU: the fast path's fused kernels, channels-last and autocast are
     # runtime choices of PyTorch, not part of the model.
     work = copy.deepcopy(model).cpu().float().eval()

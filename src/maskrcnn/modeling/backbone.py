@@ -219,7 +219,8 @@ def stage_plan(cfg: BackboneConfig) -> list[dict[str, int]]:
     kind, layers = _DEPTHS[cfg.depth]
     expansion = 1 if kind == "basic" else 4
     res2_out = cfg.res2_out_channels or 64 * expansion
-    width = 64 if kind == "basic" else cfg.groups * cfg.width_per_group
+    # A basic block's convs are as wide as its output, so res2_out_channels thins ResNet-18/34 too.
+    width = res2_out if kind == "basic" else cfg.groups * cfg.width_per_group
     plan = []
     for i, blocks in enumerate(layers):
         dilation = cfg.res5_dilation if i == 3 else 1

@@ -174,7 +174,8 @@ class MaskRCNN(nn.Module):
             set_fast_path(heads.mask_head, enabled, fold=enabled)
             heads.mask_head.to(memory_format=fmt)
             heads.mask_predictor.to(memory_format=fmt)
-            heads.mask_roi_pool.channels_last_output = enabled
+            # An MLP mask head flattens its input in NCHW order (as the MLP box head below).
+            heads.mask_roi_pool.channels_last_output = enabled and self.cfg.model.mask_head.type == "fcn"
         # An MLP box head flattens its input in NCHW order; a conv head runs channels-last with folded norms
         # like the mask head.
         conv_box_head = isinstance(heads.box_head, ConvFCHead)

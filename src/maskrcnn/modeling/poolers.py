@@ -1,6 +1,7 @@
-"""Multi-level RoIAlign: each RoI is pooled from the FPN level that matches its size (FPN paper, Eq. 1).
+"""Multi-level RoI pooling: each RoI is pooled from the FPN level that matches its size (FPN paper, Eq. 1).
 
-One feature map gives the C4 layout's single-level pooler.
+One feature map gives the C4 layout's single-level pooler. The pooling op is RoIAlign (the paper's), RoIPool
+or RoIWarp (``model.roi_pooler.type``, the paper's Table 2c).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from maskrcnn.ops.boxes import box_area
-from maskrcnn.ops.roi_align import roi_align
+from maskrcnn.ops.roi_align import roi_align, roi_pool, roi_warp
+
+POOLER_TYPES = ("align", "pool", "warp")
 
 
 class LevelMapper:
@@ -57,7 +60,7 @@ def infer_scale(feature_shape: tuple[int, int], image_size: tuple[int, int]) -> 
 
 
 class MultiScaleRoIAlign(nn.Module):
-    """RoIAlign over named FPN levels, each RoI taken from its mapped level.
+    """RoIAlign (or RoIPool, RoIWarp: ``kind``) over named FPN levels, each RoI taken from its mapped level.
 
     With ``fast`` set the output is channels-last (the layout RoIAlign computes in, and the one the convs of the
     heads run fastest in) when ``channels_last_output`` is, and the levels are written into it in place.
@@ -67,14 +70,18 @@ class MultiScaleRoIAlign(nn.Module):
 
     def __init__(self, featmap_names: list[str], output_size: int, sampling_ratio: int, aligned: bool = False,
                  canonical_scale: int = 224, canonical_level: int = 4, *, scales: list[float] | None = None,
-                 mapper_eps: float = 1e-6, eps_inside_log: bool = False) -> None:
+                 mapper_eps: float = 1e-6, eps_inside_log: bool = False, kind: str = "align") -> None:
         """Pool ``output_size`` x ``output_size`` bins from the levels ``featmap_names``.
 
         ``scales`` (feature px per image px, e.g. 1/4 .. 1/32) are fixed by the backbone in detectron2; None
         infers them from the map and image sizes as torchvision does. ``mapper_eps`` and ``eps_inside_log`` set
-        the :class:`LevelMapper` (torchvision: 1e-6 outside the log; detectron2: 1e-8 inside).
+        the :class:`LevelMapper` (torchvision: 1e-6 outside the log; detectron2: 1e-8 inside). ``kind``: "align",
+        "pool" (``sampling_ratio`` and ``aligned`` unused) or "warp" (see :func:`maskrcnn.ops.roi_align.roi_warp`).
         """
         super().__init__()
+        if kind not in POOLER_TYPES:
+            raise ValueError(f"unknown RoI pooler type {kind!r}; expected one of {', '.join(POOLER_TYPES)}")
+        self.kind = kind
         self.featmap_names = list(featmap_names)
         self.output_size = (output_size, output_size)
         self.sampling_ratio = sampling_ratio
@@ -103,8 +110,7 @@ class MultiScaleRoIAlign(nn.Module):
         rois = boxes_to_rois(boxes)
         cl = self.fast and self.channels_last_output
         if len(feats) == 1:
-            return roi_align(feats[0], rois, self.output_size, scales[0], self.sampling_ratio, self.aligned,
-                             channels_last=cl)
+            return self._pool(feats[0], rois, scales[0], cl)
         k_min = int(-math.log2(scales[0]))
         k_max = int(-math.log2(scales[-1]))
         mapper = LevelMapper(k_min, k_max, self.canonical_scale, self.canonical_level, self.mapper_eps,
@@ -119,13 +125,20 @@ class MultiScaleRoIAlign(nn.Module):
                                  device=feats[0].device, memory_format=fmt).zero_()
             for level, (feat, scale) in enumerate(zip(feats, scales)):  # a loop over the 4 levels
                 idx = torch.where(levels == level)[0]
-                pooled = roi_align(feat, rois[idx], self.output_size, scale, self.sampling_ratio, self.aligned,
-                                   channels_last=cl)
+                pooled = self._pool(feat, rois[idx], scale, cl)
                 result.index_put_((idx,), pooled.to(result.dtype))
             return result
         result = feats[0].new_zeros((rois.shape[0], c) + self.output_size)
         for level, (feat, scale) in enumerate(zip(feats, scales)):  # a loop over the 4 levels
             idx = torch.where(levels == level)[0]
-            pooled = roi_align(feat, rois[idx], self.output_size, scale, self.sampling_ratio, self.aligned)
+            pooled = self._pool(feat, rois[idx], scale, False)
             result = result.index_put((idx,), pooled.to(result.dtype))
         return result
+
+    def _pool(self, feat: Tensor, rois: Tensor, scale: float, channels_last: bool) -> Tensor:
+        """One level (N, C, h, w) and (R, 5) rois in batch pixels -> (R, C, out, out) by this pooler's op."""
+        if self.kind == "pool":
+            out = roi_pool(feat, rois, self.output_size, scale)
+            return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+        op = roi_warp if self.kind == "warp" else roi_align
+        return op(feat, rois, self.output_size, scale, self.sampling_ratio, self.aligned, channels_last=channels_last)

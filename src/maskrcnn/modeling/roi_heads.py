@@ -9,13 +9,19 @@ from maskrcnn.config import ModelConfig
 from maskrcnn.modeling.box_head import (
     FastRCNNPredictor,
     build_box_head,
-    class_channel,
     fastrcnn_loss,
-    per_class_outputs,
     postprocess_detections,
 )
 from maskrcnn.modeling.keypoint_head import KeypointRCNNHeads, KeypointRCNNPredictor, keypoint_inference, keypoint_loss
-from maskrcnn.modeling.mask_head import MaskRCNNHeads, MaskRCNNPredictor, maskrcnn_inference, maskrcnn_loss
+from maskrcnn.modeling.mask_head import (
+    background_channel,
+    build_mask_head,
+    mask_channel,
+    mask_channels,
+    maskrcnn_inference,
+    maskrcnn_loss,
+    own_channel_logits,
+)
 from maskrcnn.modeling.matcher import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, BalancedPositiveNegativeSampler, Matcher
 from maskrcnn.modeling.poolers import MultiScaleRoIAlign
 from maskrcnn.modeling.res5_head import AvgPoolHead, build_res5, res5_out_channels
@@ -31,8 +37,10 @@ class RoIHeads(nn.Module):
     FPN and DC5 layouts pool each branch's RoIs from the feature levels (P2..P5, or res5) into its own head. In
     the C4 layout both branches pool from res4 and run ``res5`` (the last ResNet stage) on their RoIs: the box
     branch averages its output, the mask branch deconvolves it. With ``fast`` set, inference computes only each
-    detection's own mask channel (see :meth:`MaskRCNNPredictor.class_logits`). The keypoint branch (when
-    ``cfg.keypoint_head.enabled``) pools its own RoIs from the backbone's levels in every layout.
+    detection's own mask channel (see ``class_logits`` of the mask predictors). The keypoint branch (when
+    ``cfg.keypoint_head.enabled``) pools its own RoIs from the backbone's levels in every layout. Every pooler
+    uses ``cfg.roi_pooler.type`` (RoIAlign, RoIPool or RoIWarp); the mask branch follows ``cfg.mask_head``'s
+    type (FCN or MLP), loss (sigmoid or softmax) and class-agnostic switch.
     """
 
     fast = False
@@ -50,9 +58,11 @@ class RoIHeads(nn.Module):
         self.background = cfg.background
         self.box_cfg = bh
         self.mask_cfg = mh
+        self.num_classes = cfg.num_classes
+        kind = cfg.roi_pooler.type
         self.box_roi_pool = MultiScaleRoIAlign(levels, bh.pooler_resolution, bh.pooler_sampling_ratio,
                                                bh.pooler_aligned, mapper_eps=bh.pooler_level_eps,
-                                               eps_inside_log=bh.pooler_eps_inside_log)
+                                               eps_inside_log=bh.pooler_eps_inside_log, kind=kind)
         self.res5: nn.Module | None = None
         if cfg.backbone.layout == "c4":
             self.res5 = build_res5(cfg.backbone, in_channels)
@@ -65,17 +75,18 @@ class RoIHeads(nn.Module):
         self.proposal_matcher = Matcher(bh.fg_iou_thresh, bh.bg_iou_thresh, allow_low_quality_matches=False)
         self.fg_bg_sampler = BalancedPositiveNegativeSampler(bh.batch_size_per_image, bh.positive_fraction)
         self.mask_roi_pool: MultiScaleRoIAlign | None = None
-        self.mask_head: MaskRCNNHeads | None = None
-        self.mask_predictor: MaskRCNNPredictor | None = None
+        self.mask_head: nn.Module | None = None
+        self.mask_predictor: nn.Module | None = None
         # Side of the predicted masks: the deconvolution doubles the pooled size, which res5 (C4) halves first.
         self.mask_size = mh.pooler_resolution * (1 if self.res5 is not None else 2)
         if mh.enabled:
             self.mask_roi_pool = MultiScaleRoIAlign(levels, mh.pooler_resolution, mh.pooler_sampling_ratio,
                                                     mh.pooler_aligned, mapper_eps=bh.pooler_level_eps,
-                                                    eps_inside_log=bh.pooler_eps_inside_log)
-            self.mask_head = MaskRCNNHeads(in_channels, mh)
-            self.mask_predictor = MaskRCNNPredictor(self.mask_head.out_channels, mh.conv_dim,
-                                                    per_class_outputs(cfg.num_classes, cfg.background))
+                                                    eps_inside_log=bh.pooler_eps_inside_log, kind=kind)
+            # res5 (C4) halves the pooled side before the mask head.
+            head_input = mh.pooler_resolution // (2 if self.res5 is not None else 1)
+            self.mask_head, self.mask_predictor = build_mask_head(
+                mh, in_channels, head_input, self.mask_size, mask_channels(cfg.num_classes, cfg.background, mh))
         self.keypoint_cfg = kh
         self.keypoint_roi_pool: MultiScaleRoIAlign | None = None
         self.keypoint_head: KeypointRCNNHeads | None = None
@@ -83,7 +94,7 @@ class RoIHeads(nn.Module):
         if kh.enabled:
             self.keypoint_roi_pool = MultiScaleRoIAlign(levels, kh.pooler_resolution, kh.pooler_sampling_ratio,
                                                         kh.pooler_aligned, mapper_eps=bh.pooler_level_eps,
-                                                        eps_inside_log=bh.pooler_eps_inside_log)
+                                                        eps_inside_log=bh.pooler_eps_inside_log, kind=kind)
             self.keypoint_head = KeypointRCNNHeads(feature_channels, kh.conv_dims)
             self.keypoint_predictor = KeypointRCNNPredictor(self.keypoint_head.out_channels, kh.num_keypoints,
                                                             kh.deconv_kernel, kh.up_scale)
@@ -202,9 +213,10 @@ class RoIHeads(nn.Module):
                     with stage("mask_head.roi_align"):
                         pooled = self.mask_roi_pool(features, pos_props, image_sizes)
                 mask_logits = self.mask_predictor(self.mask_head(pooled)).float()
-                gt_channels = [class_channel(t["labels"], self.background) for t in targets]
+                gt_channels = [self._mask_channel(t["labels"]) for t in targets]
                 losses["loss_mask"] = maskrcnn_loss(mask_logits, pos_props, [t["masks"] for t in targets],
-                                                    gt_channels, pos_idxs)
+                                                    gt_channels, pos_idxs, self.mask_cfg.loss,
+                                                    background_channel(self.num_classes, self.background))
             return
         det_boxes = [r["boxes"] for r in results]
         if sum(b.shape[0] for b in det_boxes) == 0:
@@ -218,19 +230,23 @@ class RoIHeads(nn.Module):
                 pooled = self.mask_roi_pool(features, det_boxes, image_sizes)
             if self.res5 is not None:
                 pooled = self.res5(pooled)
-            labels_det = [class_channel(r["labels"], self.background) for r in results]
+            labels_det = [self._mask_channel(r["labels"]) for r in results]
             counts = [b.shape[0] for b in det_boxes]
-            if self.fast:
+            if self.fast and self.mask_cfg.loss == "sigmoid":
+                # A softmax needs every channel; a sigmoid only the detection's own.
                 chosen = self.mask_predictor.class_logits(self.mask_head(pooled), torch.cat(labels_det)).float()
                 probs = list(chosen.sigmoid()[:, None].split(counts, dim=0))
             else:
                 mask_logits = self.mask_predictor(self.mask_head(pooled)).float()
-                probs = maskrcnn_inference(mask_logits, labels_det)
-                idx = torch.arange(mask_logits.shape[0], device=mask_logits.device)
-                chosen = mask_logits[idx, torch.cat(labels_det)]
+                probs = maskrcnn_inference(mask_logits, labels_det, self.mask_cfg.loss)
+                chosen = own_channel_logits(mask_logits, torch.cat(labels_det), self.mask_cfg.loss)
             for r, p, lg in zip(results, probs, chosen.split(counts)):
                 r["masks"] = p
                 r["mask_logits"] = lg
+
+    def _mask_channel(self, labels: Tensor) -> Tensor:
+        """Foreground labels (R,) in 1..K -> their mask logit channel (R,) under this head's switches."""
+        return mask_channel(labels, self.num_classes, self.background, self.mask_cfg)
 
     def _keypoint_branch(self, features: dict[str, Tensor], image_sizes: list[tuple[int, int]],
                          targets: list[dict[str, Tensor]] | None, results: list[dict[str, Tensor]],

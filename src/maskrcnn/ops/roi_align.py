@@ -6,6 +6,9 @@ matrix ``(N*H*W, C)`` with ``embedding_bag``. Its backward is the adjoint sum, d
 sorting the triplets by feature pixel. Neither direction materialises a ``(K, C, oh, ow, samples)`` tensor.
 On CPU this beat ``torch.sparse`` CSR/COO products (~2.5x) and chunked gather + bmm / index_add (~10x).
 
+RoIWarp (Dai et al., MNC; the Mask R-CNN paper's Table 2c) is RoIAlign on the box rounded to feature pixels, so
+the two differ only by that quantisation.
+
 RoIPool gathers each bin's pixel window, padded to the largest window in a group of similar RoIs, in
 memory-bounded chunks, and routes gradients to the recorded argmax with ``index_add_``.
 """
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["roi_align", "roi_pool", "convert_boxes_to_roi_format"]
+__all__ = ["roi_align", "roi_pool", "roi_warp", "quantize_rois", "convert_boxes_to_roi_format"]
 
 # Upper bound on (output cell, sample, neighbour) triplets built at once. Adaptive sampling on a large RoI can
 # need thousands of samples per bin; chunking over RoIs keeps the index/weight tensors around 200 MB at most.
@@ -470,3 +473,42 @@ def roi_pool(
     rois_t = _as_rois(input, rois)
     pooled_h, pooled_w = _pair(output_size)
     return _RoIPoolFunction.apply(input, rois_t, pooled_h, pooled_w, float(spatial_scale))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# RoIWarp
+# --------------------------------------------------------------------------------------------------------------
+
+
+def quantize_rois(rois: Tensor, spatial_scale: float) -> Tensor:
+    """(K, 5) rois [batch, x1, y1, x2, y2] in image px -> the same box in whole feature px, round(x * scale).
+
+    Rounds half away from zero as RoIPool does (C's round), in the rois' dtype.
+    """
+    scale = torch.tensor(spatial_scale, dtype=rois.dtype, device=rois.device)
+    return torch.cat([rois[:, :1], _round_half_away(rois[:, 1:5] * scale)], dim=1)
+
+
+def roi_warp(
+    input: Tensor,
+    rois: Tensor | list[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+    *,
+    channels_last: bool = False,
+) -> Tensor:
+    """RoIWarp: input (N, C, H, W), rois (K, 5) [batch, x1, y1, x2, y2] or [(Ki, 4)] in image px -> (K, C, oh, ow).
+
+    The box is first quantised to whole feature pixels (round(x * spatial_scale), as RoIPool); the bins are not:
+    each averages bilinear samples exactly as :func:`roi_align` with the same ``sampling_ratio`` and ``aligned``.
+    Gradients flow to the input only (the rounding has none with respect to the box).
+    """
+    if input.dtype in (torch.float16, torch.bfloat16):
+        # Quantise in float32 too: a bfloat16 box coordinate is already off by whole pixels past 256.
+        return roi_warp(input.float(), rois, output_size, spatial_scale, sampling_ratio, aligned,
+                        channels_last=channels_last).to(input.dtype)
+    rois_t = _as_rois(input, rois)
+    return roi_align(input, quantize_rois(rois_t, float(spatial_scale)), output_size, 1.0, sampling_ratio, aligned,
+                     channels_last=channels_last)
