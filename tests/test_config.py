@@ -84,6 +84,25 @@ def test_values_out_of_range_are_refused(override: str, message: str) -> None:
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize("overrides, key, channels, groups", [
+    (["model.fpn.out_channels=48"], "model.fpn.out_channels", 48, 32),
+    (["model.box_head.conv_dim=20"], "model.box_head.conv_dim", 20, 32),
+    (["model.mask_head.conv_dim=40"], "model.mask_head.conv_dim", 40, 32),
+    (["model.backbone.gn_groups=3"], "model.backbone.stem_out_channels", 64, 3),
+    (["model.backbone.res2_out_channels=48"], "model.backbone.res2_out_channels", 48, 32),
+])
+def test_group_norm_channels_must_divide_into_groups(overrides: list[str], key: str, channels: int,
+                                                     groups: int) -> None:
+    """A GroupNorm width that its groups do not divide is a config error naming the key, not torch's raw error."""
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(get_preset("r18_fpn_demo"), overrides)
+    assert f"config key {key!r} gives a GroupNorm layer {channels} channels, which {groups} groups" in str(info.value)
+    # The same widths are fine without GroupNorm there.
+    plain = ["model.fpn.norm=none", "model.box_head.norm=none", "model.mask_head.norm=none",
+             "model.backbone.norm=frozen_bn"]
+    apply_overrides(get_preset("r18_fpn_demo"), plain + overrides)
+
+
 def test_every_numeric_field_has_a_range_that_its_defaults_and_presets_meet() -> None:
     import dataclasses
 

@@ -26,6 +26,9 @@ IMAGENET_MEAN_RGB01 = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB01 = (0.229, 0.224, 0.225)
 # log(1000/16): the largest box-size change a regression delta may express (Detectron).
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+# Groups of every GroupNorm outside the backbone (FPN and heads), and the backbone's default: Wu & He's 32, as
+# detectron2's "GN" norm.
+HEAD_GN_GROUPS = 32
 
 # COCO's person keypoints (the ``keypoints`` list of the person category in person_keypoints_*.json), and its
 # skeleton with 0-based indices (COCO's file counts from 1).
@@ -87,7 +90,7 @@ class BackboneConfig:
     norm: Literal["frozen_bn", "bn", "syncbn", "gn"] = "frozen_bn"
     # torchvision's FrozenBatchNorm2d default; the published v1 COCO weights were trained with eps=0.
     norm_eps: float = 1e-5
-    gn_groups: int = 32
+    gn_groups: int = HEAD_GN_GROUPS
     # Stages trained (0..5), counted from the top as torchvision's ``trainable_backbone_layers``.
     trainable_layers: int = 3
     # "fpn": C2..C5 into an FPN (P2..P6). "c4": res2-res4 as a stride-16 trunk, res5 as the RoI head shared by
@@ -397,6 +400,27 @@ class Config:
 # Ranges: every numeric field of every section, checked when a Config is made
 
 
+def _group_norm_widths(m: ModelConfig) -> list[tuple[str, int, int]]:
+    """(config key, channels, groups) of every GroupNorm the model config asks for."""
+    out: list[tuple[str, int, int]] = []
+    b = m.backbone
+    if b.norm == "gn":
+        out.append(("model.backbone.stem_out_channels", b.stem_out_channels, b.gn_groups))
+        basic = b.depth in (18, 34)
+        res2_out = b.res2_out_channels or (64 if basic else 256)
+        width = res2_out if basic else b.groups * b.width_per_group
+        for i in range(4):
+            out.append(("model.backbone.res2_out_channels", res2_out * 2**i, b.gn_groups))
+            out.append(("model.backbone.width_per_group", width * 2**i, b.gn_groups))
+    if m.fpn.norm == "gn":
+        out.append(("model.fpn.out_channels", m.fpn.out_channels, HEAD_GN_GROUPS))
+    if m.box_head.norm == "gn" and m.box_head.head == "conv_fc" and m.box_head.num_convs > 0:
+        out.append(("model.box_head.conv_dim", m.box_head.conv_dim, HEAD_GN_GROUPS))
+    if m.mask_head.enabled and m.mask_head.norm == "gn" and m.mask_head.type == "fcn" and m.mask_head.num_convs > 0:
+        out.append(("model.mask_head.conv_dim", m.mask_head.conv_dim, HEAD_GN_GROUPS))
+    return out
+
+
 @dataclass(frozen=True)
 class Range:
     """The values a numeric field may take: an interval (ends open or closed, None for unbounded) or choices."""
@@ -554,6 +578,11 @@ def validate_config(cfg: Config) -> None:
     need(not (m.mask_head.class_agnostic and m.mask_head.loss == "softmax"),
          "config key 'model.mask_head.class_agnostic'=true needs model.mask_head.loss=sigmoid: a softmax over one "
          "class and background is the sigmoid in other words")
+    for key, channels, groups in _group_norm_widths(m):
+        need(channels % groups == 0,
+             f"config key {key!r} gives a GroupNorm layer {channels} channels, which {groups} groups do not divide "
+             f"(GroupNorm needs channels divisible by its groups: model.backbone.gn_groups for the backbone, "
+             f"{HEAD_GN_GROUPS} for the FPN and heads)")
     need(inp.lsj_scale[0] <= inp.lsj_scale[1],
          f"config key 'input.lsj_scale' must be [low, high] with low <= high, got {list(inp.lsj_scale)!r}")
 

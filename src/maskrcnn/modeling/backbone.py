@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from maskrcnn.config import BackboneConfig
+from maskrcnn.config import HEAD_GN_GROUPS, BackboneConfig
 from maskrcnn.ops.fused import conv_norm_act_forward
 
 _DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
@@ -64,7 +64,7 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def make_norm(kind: str, eps: float = 1e-5, gn_groups: int = 32) -> Callable[[int], nn.Module]:
+def make_norm(kind: str, eps: float = 1e-5, gn_groups: int = HEAD_GN_GROUPS) -> Callable[[int], nn.Module]:
     """Factory ``channels -> norm module`` for "frozen_bn", "bn", "syncbn" or "gn"."""
     if kind == "frozen_bn":
         return lambda c: FrozenBatchNorm2d(c, eps=eps)
