@@ -377,9 +377,7 @@ def _pool_bins(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Clipped integer bin bounds hstart, hend (K, oh) and wstart, wend (K, ow), in feature pixels."""
     dtype = rois.dtype
-    # The kernel rounds T roi * T scale, so the product stays in the rois dtype.
-    scale = torch.tensor(spatial_scale, dtype=dtype, device=rois.device)
-    x1, y1, x2, y2 = _round_half_away(rois[:, 1:5] * scale).to(torch.int64).unbind(1)
+    x1, y1, x2, y2 = quantize_rois(rois, spatial_scale)[:, 1:5].to(torch.int64).unbind(1)
     bin_h = (y2 - y1 + 1).clamp_min(1).to(dtype) / pooled_h
     bin_w = (x2 - x1 + 1).clamp_min(1).to(dtype) / pooled_w
 
@@ -483,7 +481,7 @@ def roi_pool(
 def quantize_rois(rois: Tensor, spatial_scale: float) -> Tensor:
     """(K, 5) rois [batch, x1, y1, x2, y2] in image px -> the same box in whole feature px, round(x * scale).
 
-    Rounds half away from zero as RoIPool does (C's round), in the rois' dtype.
+    Rounds half away from zero as RoIPool does (C's round), in the rois' dtype: the kernel rounds T roi * T scale.
     """
     scale = torch.tensor(spatial_scale, dtype=rois.dtype, device=rois.device)
     return torch.cat([rois[:, :1], _round_half_away(rois[:, 1:5] * scale)], dim=1)
