@@ -66,3 +66,24 @@ def test_layout_overfits_two_images(preset: str, one_thread: None) -> None:
     with torch.no_grad():
         det = model.detect([data[0][0]], keep_intermediates=True)[0]
     assert det["mask_logits"].shape[-2:] == (mask_size, mask_size)
+
+
+@pytest.mark.parametrize("preset", ["mask_rcnn_R_50_FPN_3x", "mask_rcnn_R_50_C4_3x", "mask_rcnn_R_50_DC5_3x"])
+def test_box_branch_in_chunks_gives_what_one_pass_gives(preset: str, one_thread: None) -> None:
+    """model.box_head.inference_chunk bounds the box branch's memory at inference without changing a result."""
+    images = [synthetic_pair(0)[0], synthetic_pair(1)[0]]
+    outputs = []
+    for chunk in (0, 7):
+        torch.manual_seed(0)
+        # Score threshold 0: the random weights still give detections of every proposal.
+        model = MaskRCNN(thin(preset, **{"model.box_head.inference_chunk": chunk,
+                                         "model.box_head.score_thresh": 0.0})).eval()
+        with torch.no_grad():
+            outputs.append(model.detect(images, keep_intermediates=True))
+    for one, chunked in zip(*outputs):
+        # The proposals outnumber the chunk, so several chunks and both images' batch indices were exercised.
+        assert len(one["proposals"]) > 7 and len(one["boxes"]) > 0
+        assert torch.equal(one["labels"], chunked["labels"])
+        torch.testing.assert_close(one["boxes"], chunked["boxes"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(one["scores"], chunked["scores"], atol=1e-6, rtol=0)
+        assert torch.equal(one["masks"], chunked["masks"])

@@ -191,6 +191,9 @@ class BoxHeadConfig:
     # Boxes mapped back to the input image are clipped to it, and those left empty dropped (detectron2's
     # detector_postprocess); torchvision only rescales them.
     clip_to_input: bool = False
+    # At inference the box branch runs on at most this many RoIs at a time (0: all of them at once): it bounds
+    # the memory of the C4 layout, whose res5 head would otherwise hold 1000 RoIs x 2048 x 7 x 7 at once.
+    inference_chunk: int = 256
 
 
 @dataclass(frozen=True)
@@ -490,7 +493,7 @@ FIELD_RANGES: dict[str, Range] = {
     "BoxHeadConfig.batch_size_per_image": AT_LEAST_1, "BoxHeadConfig.positive_fraction": FRACTION,
     "BoxHeadConfig.bbox_reg_weights": POSITIVE, "BoxHeadConfig.smooth_l1_beta": NON_NEGATIVE,
     "BoxHeadConfig.score_thresh": FRACTION, "BoxHeadConfig.nms_thresh": IOU,
-    "BoxHeadConfig.detections_per_img": AT_LEAST_1, "BoxHeadConfig.min_box_size": NON_NEGATIVE,
+    "BoxHeadConfig.detections_per_img": AT_LEAST_1, "BoxHeadConfig.inference_chunk": NON_NEGATIVE, "BoxHeadConfig.min_box_size": NON_NEGATIVE,
     "MaskHeadConfig.pooler_resolution": AT_LEAST_1, "MaskHeadConfig.pooler_sampling_ratio": NON_NEGATIVE,
     "MaskHeadConfig.num_convs": NON_NEGATIVE, "MaskHeadConfig.conv_dim": AT_LEAST_1,
     "MaskHeadConfig.dilation": AT_LEAST_1, "MaskHeadConfig.norm_eps": NON_NEGATIVE,

@@ -27,8 +27,10 @@ class DemoSettings:
     val_seed: int = 2
     # Side of the square synthetic images, in pixels.
     image_size: int = 192
-    # None: the preset's solver.max_iter; otherwise the preset's schedule (steps, warmup) is scaled to it.
-    max_iter: int | None = None
+    # None: the preset's solver.max_iter (2000); otherwise the preset's schedule (steps, warmup) is scaled to it.
+    # 3000 gives the demo its margin: val mask AP 0.844, 0.858 and ... for seeds 42, 1 and 2, where 2000
+    # iterations land anywhere in 0.78-0.83 as the float rounding of the machine varies (README).
+    max_iter: int | None = 3000
     # Minimum score of the detections drawn on the validation overlays.
     overlay_score_threshold: float = 0.5
 

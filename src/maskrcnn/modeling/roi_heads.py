@@ -163,15 +163,19 @@ class RoIHeads(nn.Module):
             proposals, matched_idxs, labels, regression_targets = self.select_training_samples(
                 proposals, targets, generator)
         with stage("box_head"):
-            with stage("box_head.roi_align"):
-                pooled = self.box_roi_pool(features, proposals, image_sizes)
-            if self.res5 is not None:
-                pooled = self.res5(pooled)
-            shared = pooled if self.res5 is not None and self.training else None
-            class_logits, box_regression = self.box_predictor(self.box_head(pooled))
+            shared = None
+            if self.training:
+                with stage("box_head.roi_align"):
+                    pooled = self.box_roi_pool(features, proposals, image_sizes)
+                if self.res5 is not None:
+                    pooled = shared = self.res5(pooled)
+                box_features = self.box_head(pooled)
+                del pooled
+            else:
+                box_features = self._box_features_in_chunks(features, proposals, image_sizes)
+            class_logits, box_regression = self.box_predictor(box_features)
             # float32 for the losses and the box decoding under autocast (no-ops otherwise).
             class_logits, box_regression = class_logits.float(), box_regression.float()
-            del pooled
             results: list[dict[str, Tensor]] = []
             if self.training:
                 loss_cls, loss_box = fastrcnn_loss(class_logits, box_regression, labels, regression_targets,
@@ -196,6 +200,28 @@ class RoIHeads(nn.Module):
         if self.keypoint_head is not None:
             self._keypoint_branch(features, image_sizes, targets, results, losses, pos_props, pos_idxs)
         return results, losses
+
+    def _box_features_in_chunks(self, features: dict[str, Tensor], proposals: list[Tensor],
+                                image_sizes: list[tuple[int, int]]) -> Tensor:
+        """Per-image proposals (Pi, 4) -> box head features (sum Pi, F), ``box_cfg.inference_chunk`` RoIs a pass.
+
+        Each RoI's features depend on that RoI alone (inference), so the chunks give what one pass would.
+        """
+        chunk = int(self.box_cfg.inference_chunk)
+        total = sum(p.shape[0] for p in proposals)
+        if chunk <= 0 or total <= chunk:
+            with stage("box_head.roi_align"):
+                pooled = self.box_roi_pool(features, proposals, image_sizes)
+            return self.box_head(pooled if self.res5 is None else self.res5(pooled))
+        out = []
+        for i, props in enumerate(proposals):
+            for start in range(0, props.shape[0], chunk):
+                # The other images get no boxes, so that the pooler keeps each box's batch index.
+                boxes = [props[start:start + chunk] if j == i else p[:0] for j, p in enumerate(proposals)]
+                with stage("box_head.roi_align"):
+                    pooled = self.box_roi_pool(features, boxes, image_sizes)
+                out.append(self.box_head(pooled if self.res5 is None else self.res5(pooled)))
+        return torch.cat(out)
 
     def _mask_branch(self, features: dict[str, Tensor], image_sizes: list[tuple[int, int]],
                      targets: list[dict[str, Tensor]] | None, results: list[dict[str, Tensor]],
