@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-images", type=_positive_int, default=DEMO.val_images, help="validation images")
     p.add_argument("--image-size", type=_positive_int, default=DEMO.image_size, help="side of the square images")
     p.add_argument("--max-iter", type=_positive_int, default=DEMO.max_iter,
-                   help="training iterations; the schedule is scaled to it (default: the preset's solver.max_iter)")
+                   help="training iterations; the preset's schedule (LR steps, warmup, checkpoints) is scaled to it"
+                        + ("" if DEMO.max_iter is not None else " (default: the preset's solver.max_iter)"))
     _add_device(p, default=None, help_default=" (default: the preset's train.device)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in OUT")
     _add_overrides(p, f"to the {DEMO.preset} preset after --max-iter")

@@ -28,8 +28,8 @@ class DemoSettings:
     # Side of the square synthetic images, in pixels.
     image_size: int = 192
     # None: the preset's solver.max_iter (2000); otherwise the preset's schedule (steps, warmup) is scaled to it.
-    # 3000 gives the demo its margin: val mask AP 0.844, 0.858 and ... for seeds 42, 1 and 2, where 2000
-    # iterations land anywhere in 0.78-0.83 as the float rounding of the machine varies (README).
+    # 3000 gives the demo its margin: val mask AP 0.844, 0.858 and 0.854 for seeds 42, 1 and 2, where 2000
+    # iterations gave 0.809 and 0.828 in two runs that differed only in float rounding (README).
     max_iter: int | None = 3000
     # Minimum score of the detections drawn on the validation overlays.
     overlay_score_threshold: float = 0.5
