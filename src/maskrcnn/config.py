@@ -405,16 +405,15 @@ class Config:
 
 def _group_norm_widths(m: ModelConfig) -> list[tuple[str, int, int]]:
     """(config key, channels, groups) of every GroupNorm the model config asks for."""
+    from maskrcnn.modeling.backbone import stage_plan  # noqa: PLC0415 - modeling imports this module
+
     out: list[tuple[str, int, int]] = []
     b = m.backbone
     if b.norm == "gn":
         out.append(("model.backbone.stem_out_channels", b.stem_out_channels, b.gn_groups))
-        basic = b.depth in (18, 34)
-        res2_out = b.res2_out_channels or (64 if basic else 256)
-        width = res2_out if basic else b.groups * b.width_per_group
-        for i in range(4):
-            out.append(("model.backbone.res2_out_channels", res2_out * 2**i, b.gn_groups))
-            out.append(("model.backbone.width_per_group", width * 2**i, b.gn_groups))
+        for st in stage_plan(b):
+            out.append(("model.backbone.res2_out_channels", st["out"], b.gn_groups))
+            out.append(("model.backbone.width_per_group", st["width"], b.gn_groups))
     if m.fpn.norm == "gn":
         out.append(("model.fpn.out_channels", m.fpn.out_channels, HEAD_GN_GROUPS))
     if m.box_head.norm == "gn" and m.box_head.head == "conv_fc" and m.box_head.num_convs > 0:
