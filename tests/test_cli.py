@@ -286,6 +286,13 @@ def test_demo_cli(tmp_path: Path, capsys) -> None:
     assert (out / "val_predictions" / "000000.png").is_file()
     assert (out / "loss_curves.png").is_file() or importlib.util.find_spec("matplotlib") is None
     assert "AP50" in captured.out
+    # The demo's own overrides (its half-width backbone) come before the user's, which still win.
+    from maskrcnn.config import load_config
+    from maskrcnn.engine.demo import DEMO
+
+    cfg = load_config(out / "config.yaml")
+    assert DEMO.overrides and (cfg.model.backbone.stem_out_channels, cfg.model.backbone.res2_out_channels) == (32, 32)
+    assert cfg.solver.max_iter == 1 and cfg.solver.ims_per_batch == 1
 
 
 def test_cpu_quota_reads_cgroup_v2_and_v1(tmp_path: Path) -> None:

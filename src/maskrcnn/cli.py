@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     # demo -------------------------------------------------------------------------------------------------------
     p = _add(sub, "demo", "train and evaluate a small model on synthetic shapes, end to end on a CPU",
              description="Generates train and validation shapes datasets under OUT/data, trains the "
-                         f"{DEMO.preset} preset, evaluates it and writes OUT/metrics.json, OUT/loss_curves.png, "
+                         f"{DEMO.preset} preset ({' '.join(DEMO.overrides) or 'as it is'}), evaluates it and writes OUT/metrics.json, OUT/loss_curves.png, "
                          "OUT/model_final/ and overlays of the validation predictions in OUT/val_predictions/.")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--train-images", type=_positive_int, default=DEMO.train_images, help="training images")
